@@ -1,0 +1,349 @@
+"""Typed run configuration: YAML file + dotted CLI overrides -> nested dataclasses.
+
+Every field is documented where it is declared (the string under it). Unknown keys are errors that name
+the closest valid key; values of the wrong type are errors that name the key, the expected type and the
+value given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from dist_train.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    pretrained: Optional[str] = None
+    """A local Hugging Face model folder, or a known name of a model shipped in a pip package
+    (``all-MiniLM-L6-v2``). Its weights are loaded and a fresh task head is added where it has none."""
+    config: Optional[dict[str, Any]] = None
+    """Build the model from scratch (random init) from these Hugging Face config keys, e.g.
+    ``{model_type: bert, hidden_size: 64, num_hidden_layers: 2, ...}``. Exclusive with ``pretrained``."""
+    tokenizer: Optional[str] = None
+    """Tokenizer folder or known name; defaults to ``pretrained``. Required with ``config``."""
+    trust_remote_code: bool = False
+    """Allow model folders to run their own Python code. Off unless you trust the folder."""
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = None
+    """Training file (.tsv, .csv, .jsonl/.json or .parquet)."""
+    validation: Optional[str] = None
+    """Validation file. If absent, ``validation_split`` of train is carved off (when > 0)."""
+    test: Optional[str] = None
+    """Test file, evaluated once at the end into ``eval_report.json``."""
+    text_column: str = "sentence"
+    """Column holding the text."""
+    text_pair_column: Optional[str] = None
+    """Optional second text column for sentence-pair tasks."""
+    label_column: str = "label"
+    """Column holding the label (ints or strings)."""
+    validation_split: float = 0.0
+    """Fraction of train held out as validation when no validation file is given (0 = none)."""
+    split_seed: int = 42
+    """Seed of the train/validation split."""
+    max_length: int = 128
+    """Truncate every example to this many tokens."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (less padding, faster); order stays random across batches."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 = load in the training process)."""
+    cache_dir: Optional[str] = None
+    """Where tokenized data is cached (default: the Hugging Face datasets cache)."""
+
+
+@dataclass
+class TaskConfig:
+    name: Literal["classification"] = "classification"
+    """What to train: ``classification`` (sequence classification, one label per text or text pair)."""
+    label_names: Optional[list[str]] = None
+    """Display names for the labels, in sorted order of the label values (e.g. ``[negative, positive]`` for 0/1)."""
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    """Seed for model init, dropout and data order: the same config and seed give identical weights on CPU."""
+    epochs: float = 3.0
+    """Passes over the training data (ignored when ``max_steps`` > 0)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = use ``epochs``)."""
+    micro_batch_size: int = 32
+    """Examples per forward/backward pass on each process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step; global batch = micro_batch_size x grad_accum x world size."""
+    eval_batch_size: int = 64
+    """Examples per forward pass during evaluation."""
+    lr: float = 5e-5
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.0
+    """LR at the end of decay, as a fraction of ``lr``."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (never applied to biases and normalisation weights)."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    """LR decay after warmup."""
+    warmup_ratio: float = 0.06
+    """Warmup length as a fraction of all steps (used when ``warmup_steps`` is 0)."""
+    warmup_steps: int = 0
+    """Warmup length in steps (overrides ``warmup_ratio`` when > 0)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute precision: bf16 autocast works on CPU and GPU; fp16 (with loss scaling) needs a GPU."""
+    eval_every: int = 0
+    """Evaluate on validation every N optimizer steps (0 = only at the end of each epoch)."""
+
+
+@dataclass
+class EngineConfig:
+    kind: Literal["single"] = "single"
+    """How processes train together: ``single`` (one process, no launcher)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save a checkpoint every N optimizer steps (0 = only at evaluations that improve the best metric and at the end)."""
+    keep_last_n: int = 2
+    """Keep this many newest checkpoints (the best one is always kept too)."""
+    metric: str = "accuracy"
+    """Validation metric that picks the best checkpoint (e.g. accuracy, f1_macro, loss)."""
+    mode: Literal["max", "min"] = "max"
+    """Whether a larger or smaller ``metric`` is better."""
+    load_best_at_end: bool = True
+    """Export the best checkpoint (by ``metric`` on validation) to ``final/`` rather than the last one."""
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10
+    """Log training loss and throughput every N optimizer steps."""
+    tensorboard: bool = True
+    """Write TensorBoard events to ``output_dir/tb``."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar."""
+
+
+@dataclass
+class Config:
+    output_dir: str = "output/run"
+    """Where config.yaml, metrics.jsonl, tb/, checkpoints/ and final/ go."""
+    overwrite: bool = False
+    """Allow writing into an output_dir that already holds a run (its old files are replaced)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parsing and validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"{origin.__name__}[{args}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` as type ``tp`` or raise _Mismatch. Only lossless coercions are made."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _Mismatch
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads "3e-5" (no dot) as a string; accept it as the float it plainly is.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    raise TypeError(f"unsupported config type {tp!r}")
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    return "valid keys: " + ", ".join(valid)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"config: '{where}' must be a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise UserError(f"config: unknown key '{prefix}{key}'; {_suggest(str(key), names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+            continue
+        try:
+            kwargs[key] = _coerce(value, tp)
+        except _Mismatch:
+            raise UserError(
+                f"config: '{prefix}{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+            ) from None
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not KEY=VALUE (e.g. train.lr=3e-5)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"override '{text}' has an empty key; write e.g. train.lr=3e-5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_dotted(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply ``a.b=value`` overrides, and return the validated Config."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file '{path}' not found")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"config file '{path}'{line} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"config file '{path}' must hold a mapping of sections (model:, data:, train:, ...)")
+    for text in overrides:
+        keys, value = _parse_override(text)
+        _set_dotted(tree, keys, value)
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span several fields; each error names the fields and the fix."""
+    m = cfg.model
+    if (m.pretrained is None) == (m.config is None):
+        raise UserError("config: set exactly one of model.pretrained (a model folder) or model.config (from scratch)")
+    if m.config is not None and m.tokenizer is None:
+        raise UserError("config: model.config builds a model from scratch and needs model.tokenizer (a tokenizer folder)")
+    if m.config is not None and "model_type" not in m.config:
+        raise UserError("config: model.config needs 'model_type' (e.g. bert, gpt2, distilbert)")
+    if cfg.data.train is None:
+        raise UserError("config: data.train is required (a .tsv, .csv, .jsonl or .parquet file)")
+    if not 0.0 <= cfg.data.validation_split < 1.0:
+        raise UserError(f"config: data.validation_split must be in [0, 1), got {cfg.data.validation_split}")
+    t = cfg.train
+    for key in ("micro_batch_size", "grad_accum", "eval_batch_size"):
+        if getattr(t, key) < 1:
+            raise UserError(f"config: train.{key} must be >= 1, got {getattr(t, key)}")
+    if cfg.data.max_length < 2:
+        raise UserError(f"config: data.max_length must be >= 2, got {cfg.data.max_length}")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        raise UserError("config: set train.epochs > 0 or train.max_steps > 0")
+    if t.lr <= 0:
+        raise UserError(f"config: train.lr must be > 0, got {t.lr}")
+    if len(t.adam_betas) != 2:
+        raise UserError(f"config: train.adam_betas needs two numbers, got {t.adam_betas}")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise UserError(f"config: train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if cfg.logging.every_steps < 1:
+        raise UserError(f"config: logging.every_steps must be >= 1, got {cfg.logging.every_steps}")
+    if cfg.checkpoint.keep_last_n < 1:
+        raise UserError(f"config: checkpoint.keep_last_n must be >= 1, got {cfg.checkpoint.keep_last_n}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

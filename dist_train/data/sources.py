@@ -1,0 +1,116 @@
+"""Read one local table (TSV, CSV, JSONL/JSON, Parquet) into a ``datasets.Dataset``.
+
+Loading goes through ``datasets`` (Arrow, memory-mapped, cached by file fingerprint). Whatever goes wrong
+in reading becomes one UserError that names the file, and the line where the format has lines.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from pathlib import Path
+
+from dist_train.errors import UserError
+
+FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def file_format(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise UserError(f"'{path}': unknown file type '{suffix or '(none)'}'; use .tsv, .csv, .jsonl, .json or .parquet")
+    return FORMATS[suffix]
+
+
+def line_of_row(path: str, row: int) -> str:
+    """Human position of data row ``row`` (0-based): a line number for text formats (after the header)."""
+    fmt = file_format(path)
+    if fmt in ("tsv", "csv"):
+        return f"line {row + 2}"
+    if fmt == "json":
+        return f"line {row + 1}"
+    return f"row {row + 1}"
+
+
+def _check_readable(path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"'{path}': file not found")
+    if p.is_dir():
+        raise UserError(f"'{path}': is a folder; give a data file")
+    if not os.access(p, os.R_OK):
+        raise UserError(f"'{path}': cannot read the file (permission denied)")
+    if p.stat().st_size == 0:
+        raise UserError(f"'{path}': the file is empty")
+
+
+def _first_bad_json_line(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                if not isinstance(json.loads(line), dict):
+                    return f"line {number}: expected a JSON object per line"
+            except json.JSONDecodeError as exc:
+                return f"line {number}: {exc.msg}"
+    return "not valid JSON lines"
+
+
+def _explain(path: str, fmt: str, exc: BaseException) -> str:
+    # datasets wraps the reader's error; the root cause carries the useful text.
+    root = exc
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__
+    text = str(root) or type(root).__name__
+    if fmt in ("tsv", "csv"):
+        m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", text)
+        if m:
+            sep = "tabs" if fmt == "tsv" else "commas"
+            return (f"'{path}': line {m.group(2)}: malformed row: expected {m.group(1)} fields, saw {m.group(3)} "
+                    f"(check for stray {sep})")
+        if "No columns to parse" in text:
+            return f"'{path}': the file has no header or rows"
+    if fmt == "json":
+        return f"'{path}': {_first_bad_json_line(path)}"
+    if "utf-8" in text.lower() or isinstance(root, UnicodeDecodeError):
+        return f"'{path}': not UTF-8 text ({text.splitlines()[0]})"
+    return f"'{path}': cannot be read as {fmt}: {text.splitlines()[0]}"
+
+
+def read_table(path: str, cache_dir: str | None = None):
+    """Load ``path`` as a Dataset. Raises UserError for a missing, empty, unreadable or malformed file."""
+    import datasets
+
+    _check_readable(path)
+    fmt = file_format(path)
+    builder, kwargs = fmt, {}
+    if fmt == "tsv":
+        # Plain tab-separated text: quotes are ordinary characters (the seed's sentences contain them).
+        builder, kwargs = "csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        ds = datasets.load_dataset(builder, data_files={"data": str(Path(path).resolve())}, split="data",
+                                   cache_dir=cache_dir, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - every reader failure becomes one clear line
+        raise UserError(_explain(path, fmt, exc)) from None
+    if len(ds) == 0:
+        raise UserError(f"'{path}': has a header but no rows")
+    return ds
+
+
+def require_columns(ds, path: str, columns: dict[str, str]) -> None:
+    """``columns`` maps a config key (e.g. data.text_column) to the column it names."""
+    for key, column in columns.items():
+        if column not in ds.column_names:
+            found = ", ".join(ds.column_names)
+            raise UserError(f"'{path}': no column '{column}' (columns found: {found}); set {key} to one of them")
+
+
+def check_texts(ds, path: str, column: str) -> None:
+    for row, value in enumerate(ds[column]):
+        if not isinstance(value, str) or not value.strip():
+            raise UserError(f"'{path}': {line_of_row(path, row)}: empty or missing text in column '{column}'")

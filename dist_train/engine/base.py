@@ -1,0 +1,130 @@
+"""The engine interface: everything the training loop may ask of "how processes train together".
+
+The loop only calls these methods; single process, DDP and DeepSpeed differ behind them, never in the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from dist_train.errors import UserError
+
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optimizer.pt"
+SCHED_FILE = "scheduler.pt"
+SCALER_FILE = "scaler.pt"
+
+
+def pick_device(local_rank: int = 0) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+class Engine:
+    """Base engine: one model replica per process, plain torch optimizer, autocast mixed precision."""
+
+    rank = 0
+    local_rank = 0
+    world_size = 1
+
+    def __init__(self, precision: str = "fp32", max_grad_norm: float = 0.0):
+        self.device = pick_device(self.local_rank)
+        if precision == "fp16" and self.device.type != "cuda":
+            raise UserError("train.precision=fp16 needs a CUDA GPU; on CPU use train.precision=bf16 (or fp32)")
+        self.precision = precision
+        self.max_grad_norm = max_grad_norm
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        # fp16 needs dynamic loss scaling (small gradients underflow); bf16 has fp32's range and does not.
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        self.model = self.optimizer = self.scheduler = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- set-up -----------------------------------------------------------------------------------------
+    def prepare(self, model: torch.nn.Module, optimizer, scheduler) -> None:
+        """Take ownership of the model (moved to this process's device), optimizer and LR scheduler."""
+        self.model = model.to(self.device)
+        self.optimizer, self.scheduler = optimizer, scheduler
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        """The plain model (for export and state dicts), without any distributed wrapper."""
+        return self.model
+
+    # -- the step ---------------------------------------------------------------------------------------
+    def autocast(self):
+        """Forward passes run under this context (mixed precision when asked for; master weights stay fp32)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def forward(self, **inputs):
+        with self.autocast():
+            return self.model(**inputs)
+
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """Accumulate gradients of ``loss``; ``sync`` is False for all but the last micro-batch of a step."""
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> torch.Tensor:
+        """Clip, apply the optimizer and LR schedule, zero the gradients; returns the pre-clip gradient norm."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, limit)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    # -- collectives ------------------------------------------------------------------------------------
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of ``tensor`` over all processes (returned; the input may be reused)."""
+        return tensor
+
+    def barrier(self) -> None:
+        pass
+
+    # -- state ------------------------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> None:
+        """Write model, optimizer, scheduler (and loss-scaler) state into ``folder``."""
+        folder = Path(folder)
+        if not self.is_main:
+            return
+        save_model(self.unwrapped, str(folder / MODEL_FILE))
+        torch.save(self.optimizer.state_dict(), folder / OPTIM_FILE)
+        torch.save(self.scheduler.state_dict(), folder / SCHED_FILE)
+        if self.scaler:
+            torch.save(self.scaler.state_dict(), folder / SCALER_FILE)
+
+    def load(self, folder: str | Path, weights_only: bool = False) -> None:
+        """Restore what ``save`` wrote; ``weights_only`` restores just the model weights."""
+        folder = Path(folder)
+        load_model(self.unwrapped, str(folder / MODEL_FILE), device=str(self.device))
+        if weights_only:
+            return
+        self.optimizer.load_state_dict(torch.load(folder / OPTIM_FILE, weights_only=True, map_location=self.device))
+        self.scheduler.load_state_dict(torch.load(folder / SCHED_FILE, weights_only=True))
+        if self.scaler:
+            self.scaler.load_state_dict(torch.load(folder / SCALER_FILE, weights_only=True))
+
+    def close(self) -> None:
+        pass

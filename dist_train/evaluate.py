@@ -1,0 +1,22 @@
+"""Evaluation pass: every example exactly once over all ranks, metrics reduced before reporting."""
+
+from __future__ import annotations
+
+import torch
+
+from dist_train.data import make_loader
+from dist_train.data.sampler import eval_plan
+
+
+@torch.no_grad()
+def evaluate(engine, task, ds, tokenizer, batch_size: int) -> dict:
+    """Run the model over ``ds`` (this rank's share) and return the task's report, reduced over ranks."""
+    batches = eval_plan(ds["length"], batch_size, engine.rank, engine.world_size)
+    evaluator = task.evaluator(engine.device)
+    was_training = engine.model.training
+    engine.train(False)
+    for batch in make_loader(ds, batches, tokenizer):
+        batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
+        evaluator.update(engine.forward(**task.inputs(batch)), batch)
+    engine.train(was_training)
+    return evaluator.compute(engine.all_reduce_sum)

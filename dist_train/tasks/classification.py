@@ -1,0 +1,122 @@
+"""Sequence classification: one label per text (or text pair).
+
+A task supplies what the loop must not know: its data, its model head, its loss and its metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dist_train.data.labels import LabelMap
+from dist_train.data.sources import check_texts, read_table, require_columns
+from dist_train.data.tokenize import tokenize_table
+from dist_train.metrics import classification_report
+from dist_train.models import build_model
+
+
+@dataclass
+class Splits:
+    train: object
+    validation: object | None
+    test: object | None
+    labels: LabelMap
+
+
+def read_labelled(path: str, data_cfg, labels: LabelMap | None = None, names: list[str] | None = None):
+    """Read and check one labelled file; learn the label map from it if none is given (train)."""
+    ds = read_table(path, data_cfg.cache_dir)
+    columns = {"data.text_column": data_cfg.text_column, "data.label_column": data_cfg.label_column}
+    if data_cfg.text_pair_column:
+        columns["data.text_pair_column"] = data_cfg.text_pair_column
+    require_columns(ds, path, columns)
+    for col in (data_cfg.text_column, data_cfg.text_pair_column):
+        if col:
+            check_texts(ds, path, col)
+    raw = ds[data_cfg.label_column]
+    if labels is None:
+        labels = LabelMap.from_train(raw, path, names)
+    return ds, labels, labels.encode(raw, path)
+
+
+class ClassificationTask:
+    name = "classification"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.labels: LabelMap | None = None
+
+    # -- data ------------------------------------------------------------------------------------------
+    def prepare(self, tokenizer) -> Splits:
+        d = self.cfg.data
+
+        def tok(ds, ids):
+            return tokenize_table(ds, tokenizer, d.text_column, d.text_pair_column, d.max_length, ids)
+
+        train_raw, labels, train_ids = read_labelled(d.train, d, names=self.cfg.task.label_names)
+        self.labels = labels
+        train = tok(train_raw, train_ids)
+        validation = test = None
+        if d.validation:
+            validation = tok(*read_labelled(d.validation, d, labels)[::2])
+        elif d.validation_split > 0:
+            parts = train.train_test_split(test_size=d.validation_split, seed=d.split_seed)
+            train, validation = parts["train"], parts["test"]
+        if d.test:
+            test = tok(*read_labelled(d.test, d, labels)[::2])
+        return Splits(train, validation, test, labels)
+
+    # -- model -----------------------------------------------------------------------------------------
+    def build_model(self):
+        from transformers import AutoModelForSequenceClassification
+
+        lm = self.labels
+        return build_model(self.cfg.model, AutoModelForSequenceClassification, num_labels=lm.num_labels,
+                           id2label=lm.id2label, label2id=lm.label2id)
+
+    # -- loss and metrics ------------------------------------------------------------------------------
+    @staticmethod
+    def inputs(batch: dict) -> dict:
+        return {k: v for k, v in batch.items() if k != "labels"}
+
+    @staticmethod
+    def count(batch: dict) -> torch.Tensor:
+        """How many loss targets the batch holds (examples here), as a float64 tensor on its device."""
+        return torch.tensor(float(batch["labels"].numel()), dtype=torch.float64, device=batch["labels"].device)
+
+    @staticmethod
+    def loss_sum(outputs, batch: dict) -> torch.Tensor:
+        """Summed (not averaged) cross-entropy over the batch's examples.
+
+        The loop divides by the example count of the whole global batch, so every example weighs the
+        same however the batch is split into micro-batches and ranks.
+        """
+        return F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum")
+
+    def evaluator(self, device):
+        return ClassificationEvaluator(self.labels, device)
+
+
+class ClassificationEvaluator:
+    """Accumulates a confusion matrix and loss sum on device; reduced over ranks before reporting."""
+
+    def __init__(self, labels: LabelMap, device):
+        self.labels = labels
+        k = labels.num_labels
+        self.cm = torch.zeros(k * k, dtype=torch.float64, device=device)
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+
+    def update(self, outputs, batch) -> None:
+        k = self.labels.num_labels
+        self.loss += ClassificationTask.loss_sum(outputs, batch).double()
+        preds = outputs.logits.argmax(-1)
+        self.cm += torch.bincount(batch["labels"] * k + preds, minlength=k * k).double()
+
+    def compute(self, all_reduce_sum) -> dict:
+        """Sum the state over ranks with ``all_reduce_sum`` and return the report (same on every rank)."""
+        k = self.labels.num_labels
+        cm = all_reduce_sum(self.cm).cpu().round().long().view(k, k)
+        loss = all_reduce_sum(self.loss).item()
+        return classification_report(cm, loss, self.labels.names)

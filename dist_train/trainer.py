@@ -1,0 +1,191 @@
+"""The training loop, top to bottom. It talks to one Engine and one Task and never branches on either."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dist_train.checkpoint import CheckpointManager
+from dist_train.config import Config, dump_yaml
+from dist_train.data import make_loader
+from dist_train.data.sampler import train_plan
+from dist_train.engine import build_engine
+from dist_train.errors import UserError
+from dist_train.evaluate import evaluate
+from dist_train.export import export_model
+from dist_train.metrics import MetricsSink, summary_line
+from dist_train.models import load_tokenizer
+from dist_train.optim import build_optimizer, build_scheduler
+from dist_train.tasks import build_task
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "final", "eval_report.json")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_output_dir(cfg: Config) -> Path:
+    """Refuse to mix a new run into an old one unless ``overwrite`` is set (nothing is lost by accident)."""
+    out = Path(cfg.output_dir)
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not cfg.overwrite:
+        raise UserError(f"output_dir '{out}' already holds a run ({', '.join(existing)}); "
+                        "choose another output_dir=... or pass overwrite=true to replace it")
+    return out
+
+
+def prepare_output_dir(out: Path, cfg: Config) -> None:
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_yaml(cfg))
+
+
+def train(cfg: Config) -> dict:
+    """Fine-tune (or train from scratch) as ``cfg`` says; returns the final reports by split."""
+    engine = build_engine(cfg)
+    t = cfg.train
+    out = check_output_dir(cfg)
+
+    # Data first: every data error surfaces before anything is written to output_dir.
+    task = build_task(cfg)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained, cfg.model.trust_remote_code,
+                               what="model.tokenizer" if cfg.model.tokenizer else "model.pretrained")
+    splits = task.prepare(tokenizer)
+    if engine.is_main:
+        prepare_output_dir(out, cfg)
+    engine.barrier()
+
+    seed_everything(t.seed)
+    model = task.build_model()
+
+    # One step consumes `grad_accum` micro-batches on each of `world_size` ranks: a "window" of the plan.
+    window = t.grad_accum * engine.world_size
+    lengths = splits.train["length"]
+    steps_per_epoch = math.ceil(math.ceil(len(lengths) / t.micro_batch_size) / window)
+    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+    optimizer = build_optimizer(model, t)
+    engine.prepare(model, optimizer, build_scheduler(optimizer, t, total_steps))
+
+    ckpt = CheckpointManager(out, cfg.checkpoint.keep_last_n, engine)
+    sink = MetricsSink(out, cfg.logging.tensorboard) if engine.is_main else None
+    bar = tqdm(total=total_steps, desc="train", unit="step", mininterval=1.0,
+               disable=not (engine.is_main and cfg.logging.progress_bar))
+    better = (lambda a, b: a > b) if cfg.checkpoint.mode == "max" else (lambda a, b: a < b)
+    best, validated_at = None, -1
+    reports: dict = {}
+
+    def state(epoch: int) -> dict:
+        return {"step": step, "epoch": epoch, "best_metric": best, "best_step": ckpt.best_step,
+                "metric": cfg.checkpoint.metric}
+
+    def run_validation(epoch: int) -> None:
+        nonlocal best, validated_at
+        if splits.validation is None:
+            return
+        validated_at = step
+        report = evaluate(engine, task, splits.validation, tokenizer, t.eval_batch_size)
+        reports["validation"] = report
+        if sink:
+            sink.write("validation", step, {"epoch": epoch, **report})
+            bar.write(summary_line(f"step {step} validation", report))
+        if cfg.checkpoint.metric not in report:
+            raise UserError(f"checkpoint.metric '{cfg.checkpoint.metric}' is not a validation metric; "
+                            f"choose one of: {', '.join(k for k, v in report.items() if isinstance(v, float))}")
+        value = report[cfg.checkpoint.metric]
+        if best is None or better(value, best):
+            best = value
+            ckpt.mark_best(step)
+            ckpt.save(step, state(epoch))
+
+    # Running sums since the last log line, kept on device: no host sync on ordinary steps.
+    zeros = lambda: torch.zeros(4, dtype=torch.float64, device=engine.device)  # noqa: E731
+    acc = zeros()  # loss sum, loss count, examples, non-pad tokens
+    last_log, step, epoch = time.perf_counter(), 0, 0
+    engine.train()
+    while step < total_steps:
+        plan = train_plan(lengths, t.micro_batch_size, t.seed, epoch, cfg.data.group_by_length)
+        windows = [plan[i:i + window] for i in range(0, len(plan), window)]
+        mine = [w[engine.rank::engine.world_size] for w in windows]
+        todo = mine[:total_steps - step]  # this epoch's windows, within the step budget
+        batches = iter(make_loader(splits.train, [b for w in todo for b in w], tokenizer,
+                                   cfg.data.num_workers, pin_memory=engine.device.type == "cuda"))
+        for index, local in enumerate(todo):
+            micro = [{k: v.to(engine.device, non_blocking=True) for k, v in next(batches).items()}
+                     for _ in local]
+            # Loss normalisation: the step's gradient is that of the MEAN loss over every target (example
+            # or token) in the global batch. Each micro-batch contributes sum(loss) / N_global, where
+            # N_global counts targets over all micro-batches and ranks of this step, so a short last
+            # window or uneven padding weighs nothing differently. (Engines whose gradient all-reduce
+            # averages over ranks rescale by world size inside backward.)
+            counts = [task.count(b) for b in micro]
+            n_global = engine.all_reduce_sum(sum(counts))
+            for i, b in enumerate(micro):
+                loss_sum = task.loss_sum(engine.forward(**task.inputs(b)), b)
+                engine.backward(loss_sum / n_global, sync=i == len(micro) - 1)
+                acc += torch.stack([loss_sum.detach().double(), counts[i],
+                                    counts[i].new_tensor(float(len(b["input_ids"]))),
+                                    b["attention_mask"].sum().double()])
+            grad_norm = engine.step()
+            step += 1
+            bar.update(1)
+
+            if step % cfg.logging.every_steps == 0 or step == total_steps:
+                loss_sum, count, examples, tokens = engine.all_reduce_sum(acc).tolist()
+                elapsed = time.perf_counter() - last_log
+                record = {"epoch": epoch + (index + 1) / len(mine), "loss": loss_sum / max(count, 1),
+                          "lr": engine.lr(), "grad_norm": float(grad_norm),
+                          "examples_per_s": examples / elapsed, "tokens_per_s": tokens / elapsed}
+                if sink:
+                    sink.write("train", step, record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                acc, last_log = zeros(), time.perf_counter()
+            if t.eval_every > 0 and step % t.eval_every == 0:
+                run_validation(epoch)
+            if cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0:
+                ckpt.save(step, state(epoch))
+        if len(todo) == len(mine):  # the whole epoch was consumed
+            epoch += 1
+            if t.eval_every <= 0:
+                run_validation(epoch)
+    bar.close()
+
+    if validated_at != step:
+        run_validation(epoch)
+    ckpt.save(step, state(epoch))
+    if cfg.checkpoint.load_best_at_end and ckpt.best_step is not None and ckpt.best_step != step:
+        engine.load(ckpt.path(ckpt.best_step), weights_only=True)
+        if engine.is_main:
+            bar.write(f"loaded the best checkpoint (step {ckpt.best_step}, "
+                      f"{cfg.checkpoint.metric} {best:.4f}) for final/")
+
+    if engine.is_main:
+        meta = {"task": cfg.task.name, "text_column": cfg.data.text_column,
+                "text_pair_column": cfg.data.text_pair_column, "label_column": cfg.data.label_column,
+                "max_length": cfg.data.max_length}
+        export_model(engine.unwrapped, tokenizer, out / "final", task.labels, meta)
+    if splits.test is not None:
+        reports["test"] = evaluate(engine, task, splits.test, tokenizer, t.eval_batch_size)
+        if engine.is_main:
+            (out / "eval_report.json").write_text(json.dumps(reports["test"], indent=2))
+            sink.write("test", step, reports["test"])
+            print(summary_line("test", reports["test"]), flush=True)
+    if sink:
+        sink.close()
+    engine.close()
+    return reports

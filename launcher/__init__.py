@@ -1,0 +1,1 @@
+"""Command line: builds and runs dist-train jobs (train, eval, predict; later launch and submit)."""

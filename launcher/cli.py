@@ -1,0 +1,118 @@
+"""The ``dist-train`` command: train, eval, predict (and, later, launch / submit).
+
+Mistakes in the input end as one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _quiet_libraries() -> None:
+    # Offline by design: never try a model hub; keep library chatter out of the user's terminal.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_train(args) -> int:
+    from dist_train.config import dump_yaml, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    from transformers.utils import logging as hf_logging
+
+    from dist_train.trainer import train
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    train(cfg)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from dist_train.inference import LoadedModel
+
+    model = LoadedModel(args.model_dir, args.precision)
+    data_cfg = model.data_config(args.text_column, args.text_pair_column, args.label_column, args.max_length)
+    report = model.evaluate(args.data, data_cfg, args.batch_size)
+    text = json.dumps(report, indent=2)
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(text + "\n")
+    print(text)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from dist_train.errors import UserError
+    from dist_train.inference import LoadedModel
+
+    if bool(args.texts) == bool(args.file):
+        raise UserError("predict: give either texts to classify or --file FILE (with --output FILE)")
+    if args.file and not args.output:
+        raise UserError("predict: --file needs --output FILE for the predictions")
+    model = LoadedModel(args.model_dir, args.precision)
+    data_cfg = model.data_config(args.text_column, args.text_pair_column, None, args.max_length)
+    if args.file:
+        n = model.predict_file(args.file, args.output, data_cfg, args.batch_size)
+        print(f"wrote {n} predictions to {args.output}")
+        return 0
+    for text, (label, prob, _) in zip(args.texts, model.predict(args.texts, None, data_cfg.max_length)):
+        print(f"{label}\t{prob:.4f}\t{text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a YAML config (one process; under torchrun, one worker)")
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-5 data.max_length=128")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=cmd_train)
+
+    def model_args(p):
+        p.add_argument("model_dir", help="a trained model folder (e.g. output/sentiment/final)")
+        p.add_argument("--text-column", help="text column (default: the one the model was trained on)")
+        p.add_argument("--text-pair-column", help="second text column for pair tasks")
+        p.add_argument("--max-length", type=int, help="truncate to this many tokens (default: as trained)")
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+
+    p = sub.add_parser("eval", help="evaluate a model folder on a labelled file")
+    model_args(p)
+    p.add_argument("--data", required=True, help="labelled .tsv/.csv/.jsonl/.parquet file")
+    p.add_argument("--label-column", help="label column (default: the one the model was trained on)")
+    p.add_argument("--output", help="also write the report (JSON) here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="predict labels for texts or a file")
+    model_args(p)
+    p.add_argument("texts", nargs="*", help="texts to classify")
+    p.add_argument("--file", help="a .tsv/.csv/.jsonl/.parquet file with a text column")
+    p.add_argument("--output", help="where --file's predictions go (TSV)")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    args = build_parser().parse_args(argv)
+    from dist_train.errors import UserError
+
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"dist-train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
