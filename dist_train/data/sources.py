@@ -73,6 +73,8 @@ def _explain(path: str, fmt: str, exc: BaseException) -> str:
                     f"(check for stray {sep})")
         if "No columns to parse" in text:
             return f"'{path}': the file has no header or rows"
+    if "corresponds to no data" in text:
+        return f"'{path}': has a header but no rows"
     if fmt == "json":
         return f"'{path}': {_first_bad_json_line(path)}"
     if "utf-8" in text.lower() or isinstance(root, UnicodeDecodeError):

