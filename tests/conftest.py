@@ -39,12 +39,12 @@ def sentiment_slice(tmp_path):
     return files
 
 
-def tiny_config(tmp_path: Path, data: dict, **sections) -> Path:
+def tiny_config(tmp_path: Path, files: dict, **sections) -> Path:
     """Write a config for a tiny random BERT with the MiniLM tokenizer; ``sections`` update the defaults."""
     cfg = {
         "output_dir": str(tmp_path / "out"),
         "model": {"config": dict(TINY_BERT), "tokenizer": "all-MiniLM-L6-v2"},
-        "data": {"max_length": 32, "cache_dir": str(tmp_path / "cache"), **{k: str(v) for k, v in data.items()}},
+        "data": {"max_length": 32, "cache_dir": str(tmp_path / "cache"), **{k: str(v) for k, v in files.items()}},
         "train": {"epochs": 1, "micro_batch_size": 16, "eval_batch_size": 16, "lr": 1e-3},
         "logging": {"every_steps": 2, "progress_bar": False, "tensorboard": True},
     }

@@ -1,0 +1,198 @@
+"""The training loop end to end on tiny models: outputs, determinism, accumulation, learning, eval counts."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_BERT, assert_user_error, run_cli, tiny_config
+from dist_train.config import load_config
+from dist_train.errors import UserError
+from dist_train.trainer import train
+
+NO_DROPOUT = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def run(cfg_path, *overrides):
+    cfg = load_config(cfg_path, list(overrides))
+    return cfg, train(cfg)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny sentiment run, shared by the output tests."""
+    tmp = tmp_path_factory.mktemp("run")
+    from conftest import SENTIMENT, head
+
+    files = {}
+    for split, n in (("train", 160), ("validation", 48), ("test", 37)):
+        files[split] = tmp / f"{split}.tsv"
+        files[split].write_text(head(SENTIMENT / ("dev.tsv" if split == "validation" else f"{split}.tsv"), n))
+    cfg_path = tiny_config(tmp, files, task={"label_names": ["negative", "positive"]},
+                           train={"epochs": 2, "eval_every": 5}, checkpoint={"every_steps": 4, "keep_last_n": 1})
+    cfg, reports = run(cfg_path)
+    return tmp / "out", cfg, reports, files
+
+
+def test_run_writes_every_output(trained):
+    out, cfg, reports, _ = trained
+    assert (out / "config.yaml").is_file() and load_config(out / "config.yaml") == cfg
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    splits = {r["split"] for r in records}
+    assert splits == {"train", "validation", "test"}
+    train_records = [r for r in records if r["split"] == "train"]
+    assert all(r["examples_per_s"] > 0 and r["tokens_per_s"] > 0 for r in train_records)
+    assert [r["step"] for r in records if r["split"] == "validation"] == [5, 10, 15, 20]
+    assert any((out / "tb").iterdir())
+    report = json.loads((out / "eval_report.json").read_text())
+    assert report == reports["test"]
+    assert report["confusion_matrix"]["labels"] == ["negative", "positive"]
+
+
+def test_checkpoints_rotate_and_keep_the_best(trained):
+    out, _, _, _ = trained
+    ckpts = out / "checkpoints"
+    steps = sorted(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
+    best = json.loads((ckpts / f"step-{steps[-1]}" / "trainer_state.json").read_text())["best_step"]
+    assert steps[-1] == 20 and set(steps) == {best, 20}  # keep_last_n=1 plus the best
+    assert (ckpts / "latest").read_text() == "step-20"
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"):
+        assert (ckpts / "step-20" / name).is_file()
+    optim = torch.load(ckpts / "step-20" / "optimizer.pt", weights_only=True)
+    assert optim["state"]  # real Adam moments, loadable without pickle code
+    assert not list(ckpts.glob(".tmp-*"))
+
+
+def test_final_is_the_best_checkpoint_and_loads_in_a_pipeline(trained):
+    out, _, _, _ = trained
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    state = json.loads((out / "checkpoints" / "latest").parent.joinpath("step-20", "trainer_state.json").read_text())
+    final, best = weights(out / "final"), weights(out / "checkpoints" / f"step-{state['best_step']}")
+    assert final.keys() == best.keys() and all(torch.equal(final[k], best[k]) for k in final)
+    model = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    clf = pipeline("text-classification", model=str(out / "final"))
+    preds = clf(["I really enjoyed this film.", "Dreadful."])
+    assert len(preds) == 2 and all(p["label"] in ("negative", "positive") for p in preds)
+
+
+def test_eval_counts_every_example_exactly_once(trained):
+    _, _, reports, _ = trained
+    test = reports["test"]
+    assert test["n"] == 37  # 37 rows, eval batches of 16: no padding duplicates, none dropped
+    cm = test["confusion_matrix"]["rows_true_cols_pred"]
+    assert sum(map(sum, cm)) == 37
+    assert sum(c["support"] for c in test["per_class"].values()) == 37
+    assert reports["validation"]["n"] == 48
+
+
+def test_same_seed_gives_identical_weights(tmp_path, sentiment_slice):
+    data = {"train": sentiment_slice["train"]}
+    finals = []
+    for name in ("a", "b"):
+        cfg = tiny_config(tmp_path, data, output_dir=str(tmp_path / name), train={"max_steps": 6})
+        run(cfg)
+        finals.append(weights(tmp_path / name / "final"))
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    cfg = tiny_config(tmp_path, data, output_dir=str(tmp_path / "c"), train={"max_steps": 6, "seed": 7})
+    run(cfg)
+    other = weights(tmp_path / "c" / "final")
+    assert not all(torch.equal(finals[0][k], other[k]) for k in other)
+
+
+def test_accumulation_equals_one_big_batch(tmp_path, sentiment_slice):
+    """GA 4 x micro 2 and GA 1 x micro 8 take the same 8 examples per step (uneven lengths, padding)
+    and must produce the same parameters: the loss is the mean over the global batch, not of micro means."""
+    data = {"train": sentiment_slice["train"]}
+    results = {}
+    for name, micro, ga in (("ga4", 2, 4), ("ga1", 8, 1)):
+        cfg = tiny_config(tmp_path, data, output_dir=str(tmp_path / name),
+                          model={"config": NO_DROPOUT, "tokenizer": "all-MiniLM-L6-v2"},
+                          data={"group_by_length": False, "max_length": 48},
+                          train={"max_steps": 5, "micro_batch_size": micro, "grad_accum": ga})
+        run(cfg)
+        results[name] = weights(tmp_path / name / "final")
+    a, b = results["ga4"], results["ga1"]
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff < 1e-5, diff
+    first = next(k for k in a if "classifier" in k)
+    assert not torch.equal(a[first], weights_init(tmp_path)[first])
+
+
+def weights_init(tmp_path):
+    """The tiny model's initial weights under the default seed (to show training moved them)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from dist_train.trainer import seed_everything
+
+    seed_everything(42)
+    kwargs = dict(NO_DROPOUT)
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs, num_labels=2)
+    return AutoModelForSequenceClassification.from_config(config).state_dict()
+
+
+def test_loss_falls_on_a_learnable_task(tmp_path):
+    """String labels, a signal a tiny model can learn: loss must fall and test accuracy must be high."""
+    rng = random.Random(0)
+    good, bad = ["wonderful", "superb", "delightful"], ["awful", "boring", "terrible"]
+    filler = "the movie plot acting story film scene cast director music".split()
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            label = rng.choice(["yes", "no"])
+            words = rng.sample(filler, 5) + [rng.choice(good if label == "yes" else bad)]
+            rng.shuffle(words)
+            out.append(f"{' '.join(words)}\t{label}\n")
+        return "text\tverdict\n" + "".join(out)
+
+    (tmp_path / "train.tsv").write_text(rows(256))
+    (tmp_path / "test.tsv").write_text(rows(64))
+    cfg = tiny_config(tmp_path, {"train": tmp_path / "train.tsv", "test": tmp_path / "test.tsv"},
+                      data={"text_column": "text", "label_column": "verdict"},
+                      train={"epochs": 4, "lr": 3e-3})
+    _, reports = run(cfg)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+              if '"train"' in line]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert reports["test"]["accuracy"] >= 0.9
+    assert json.loads((tmp_path / "out" / "final" / "labels.json").read_text())["values"] == ["no", "yes"]
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, sentiment_slice):
+    cfg = tiny_config(tmp_path, {"train": sentiment_slice["train"]}, train={"max_steps": 3, "precision": "bf16"})
+    run(cfg)
+    final = weights(tmp_path / "out" / "final")
+    assert all(t.dtype == torch.float32 for t in final.values())  # master weights stay fp32
+
+
+def test_fp16_on_cpu_is_a_clear_error(tmp_path, sentiment_slice):
+    cfg = tiny_config(tmp_path, {"train": sentiment_slice["train"]}, train={"precision": "fp16"})
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        run(cfg)
+
+
+def test_existing_run_is_never_overwritten_by_accident(tmp_path, sentiment_slice):
+    cfg = tiny_config(tmp_path, {"train": sentiment_slice["train"]}, train={"max_steps": 2})
+    run(cfg)
+    before = (tmp_path / "out" / "final" / "model.safetensors").read_bytes()
+    result = run_cli("train", cfg)
+    assert_user_error(result, "already holds a run", "overwrite=true")
+    assert (tmp_path / "out" / "final" / "model.safetensors").read_bytes() == before
+
+
+def test_bad_data_stops_before_writing_anything(tmp_path, sentiment_slice):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("review\tlabel\ngood\t1\n")
+    cfg = tiny_config(tmp_path, {"train": bad})
+    assert_user_error(run_cli("train", cfg), "no column 'sentence'", "columns found: review, label")
+    assert not (tmp_path / "out").exists()
