@@ -16,6 +16,14 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def cmd_train(args) -> int:
@@ -25,12 +33,8 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    from transformers.utils import logging as hf_logging
-
     from dist_train.trainer import train
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     train(cfg)
     return 0
 
@@ -108,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     from dist_train.errors import UserError
 
     try:
+        if args.command != "train" or not args.print_config:
+            _quiet_transformers()
         return args.func(args)
     except UserError as exc:
         print(f"dist-train: error: {exc}", file=sys.stderr)

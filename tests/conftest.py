@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dist_train.config import load_config
+from dist_train.trainer import train
+
 ROOT = Path(__file__).resolve().parents[1]
 SENTIMENT = ROOT / "data" / "sentiment"
 
@@ -73,3 +76,18 @@ def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> Non
     assert len(lines) == 1, result.stderr
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One tiny sentiment run, shared by the output tests."""
+    tmp = tmp_path_factory.mktemp("run")
+    files = {}
+    for split, n in (("train", 160), ("validation", 48), ("test", 37)):
+        files[split] = tmp / f"{split}.tsv"
+        files[split].write_text(head(SENTIMENT / ("dev.tsv" if split == "validation" else f"{split}.tsv"), n))
+    cfg_path = tiny_config(tmp, files, task={"label_names": ["negative", "positive"]},
+                           train={"epochs": 2, "eval_every": 5}, checkpoint={"every_steps": 4, "keep_last_n": 1})
+    cfg = load_config(cfg_path)
+    reports = train(cfg)
+    return tmp / "out", cfg, reports, files

@@ -26,22 +26,6 @@ def run(cfg_path, *overrides):
     return cfg, train(cfg)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny sentiment run, shared by the output tests."""
-    tmp = tmp_path_factory.mktemp("run")
-    from conftest import SENTIMENT, head
-
-    files = {}
-    for split, n in (("train", 160), ("validation", 48), ("test", 37)):
-        files[split] = tmp / f"{split}.tsv"
-        files[split].write_text(head(SENTIMENT / ("dev.tsv" if split == "validation" else f"{split}.tsv"), n))
-    cfg_path = tiny_config(tmp, files, task={"label_names": ["negative", "positive"]},
-                           train={"epochs": 2, "eval_every": 5}, checkpoint={"every_steps": 4, "keep_last_n": 1})
-    cfg, reports = run(cfg_path)
-    return tmp / "out", cfg, reports, files
-
-
 def test_run_writes_every_output(trained):
     out, cfg, reports, _ = trained
     assert (out / "config.yaml").is_file() and load_config(out / "config.yaml") == cfg
