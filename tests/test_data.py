@@ -182,3 +182,16 @@ def test_eval_plan_shards_every_example_exactly_once():
 def test_saved_labels_file_is_json(tmp_path):
     LabelMap.from_train([1, 0], "t.tsv", ["neg", "pos"]).save(tmp_path)
     assert json.loads((tmp_path / "labels.json").read_text()) == {"values": [0, 1], "names": ["neg", "pos"]}
+
+
+def test_validation_split_is_carved_from_train(tmp_path, sentiment_slice):
+    from dist_train.config import load_config
+    from dist_train.tasks import build_task
+
+    cfg = load_config(None, ["model.pretrained=all-MiniLM-L6-v2", f"data.train={sentiment_slice['train']}",
+                             "data.validation_split=0.25", f"data.cache_dir={tmp_path / 'cache'}"])
+    task = build_task(cfg)
+    splits = task.prepare(load_tokenizer("all-MiniLM-L6-v2"))
+    assert (len(splits.train), len(splits.validation)) == (120, 40)
+    again = task.prepare(load_tokenizer("all-MiniLM-L6-v2"))
+    assert again.validation["input_ids"] == splits.validation["input_ids"]  # same seed, same split
