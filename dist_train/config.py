@@ -110,8 +110,20 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    kind: Literal["single"] = "single"
-    """How processes train together: ``single`` (one process, no launcher)."""
+    kind: Literal["auto", "single", "ddp", "deepspeed"] = "auto"
+    """How processes train together: ``single`` (one process), ``ddp`` (torch DistributedDataParallel),
+    ``deepspeed`` (ZeRO). ``auto``: ddp under a launcher (RANK/WORLD_SIZE set), else single."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (shard optimizer state), 2 (+ gradients), 3 (+ parameters)."""
+    offload_optimizer: bool = False
+    """DeepSpeed ZeRO-Offload: keep optimizer state (and the step) on CPU. Needs zero_stage >= 1."""
+    offload_params: bool = False
+    """DeepSpeed ZeRO-3 parameter offload to CPU. Needs zero_stage 3."""
+    deepspeed: Optional[dict[str, Any]] = None
+    """Extra DeepSpeed config keys merged into the generated config; a key that conflicts with a value
+    dist-train sets from this config is an error naming both values."""
+    timeout_s: float = 300.0
+    """Collective and barrier timeout in seconds: a rank that never arrives fails the job instead of hanging."""
 
 
 @dataclass
@@ -335,6 +347,17 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config: train.adam_betas needs two numbers, got {t.adam_betas}")
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise UserError(f"config: train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    e = cfg.engine
+    if e.zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"config: engine.zero_stage must be 0, 1, 2 or 3, got {e.zero_stage}")
+    if (e.zero_stage or e.offload_optimizer or e.offload_params or e.deepspeed) and e.kind != "deepspeed":
+        raise UserError("config: engine.zero_stage / offload_* / deepspeed need engine.kind=deepspeed")
+    if e.offload_optimizer and e.zero_stage < 1:
+        raise UserError("config: engine.offload_optimizer needs engine.zero_stage >= 1")
+    if e.offload_params and e.zero_stage != 3:
+        raise UserError("config: engine.offload_params needs engine.zero_stage=3")
+    if e.timeout_s <= 0:
+        raise UserError(f"config: engine.timeout_s must be > 0, got {e.timeout_s}")
     if cfg.logging.every_steps < 1:
         raise UserError(f"config: logging.every_steps must be >= 1, got {cfg.logging.every_steps}")
     if cfg.checkpoint.keep_last_n < 1:

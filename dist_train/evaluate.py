@@ -11,12 +11,14 @@ from dist_train.data.sampler import eval_plan
 @torch.no_grad()
 def evaluate(engine, task, ds, tokenizer, batch_size: int) -> dict:
     """Run the model over ``ds`` (this rank's share) and return the task's report, reduced over ranks."""
-    batches = eval_plan(ds["length"], batch_size, engine.rank, engine.world_size)
+    plan = eval_plan(ds["length"], batch_size, engine.rank, engine.world_size)
     evaluator = task.evaluator(engine.device)
     was_training = engine.model.training
     engine.train(False)
-    for batch in make_loader(ds, batches, tokenizer):
+    for batch, (_, weight) in zip(make_loader(ds, [b for b, _ in plan], tokenizer), plan):
         batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
-        evaluator.update(engine.forward(**task.inputs(batch)), batch)
+        outputs = engine.forward(**task.inputs(batch))
+        if weight:  # fillers only keep ranks in step (sharded engines gather parameters in forward)
+            evaluator.update(outputs, batch)
     engine.train(was_training)
     return evaluator.compute(engine.all_reduce_sum)

@@ -13,10 +13,12 @@ from pathlib import Path
 META_FILE = "dist_train.json"
 
 
-def export_model(model, tokenizer, out_dir: str | Path, labels=None, meta: dict | None = None) -> Path:
+def export_model(model, tokenizer, out_dir: str | Path, labels=None, meta: dict | None = None,
+                 state_dict: dict | None = None) -> Path:
+    """``state_dict`` (e.g. gathered from ZeRO-3 shards) replaces the model's own tensors when given."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     if labels is not None:
         labels.save(out)

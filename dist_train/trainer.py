@@ -16,7 +16,7 @@ from tqdm import tqdm
 from dist_train.checkpoint import CheckpointManager
 from dist_train.config import Config, dump_yaml
 from dist_train.data import make_loader
-from dist_train.data.sampler import train_plan
+from dist_train.data.sampler import step_windows, train_plan
 from dist_train.engine import build_engine
 from dist_train.errors import UserError
 from dist_train.evaluate import evaluate
@@ -66,18 +66,21 @@ def train(cfg: Config) -> dict:
     task = build_task(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained, cfg.model.trust_remote_code,
                                what="model.tokenizer" if cfg.model.tokenizer else "model.pretrained")
+    # Rank 0 tokenizes into the cache while the others wait (bounded by engine.timeout_s), then they load it.
+    if not engine.is_main:
+        engine.barrier()
     splits = task.prepare(tokenizer)
     if engine.is_main:
+        engine.barrier()
         prepare_output_dir(out, cfg)
     engine.barrier()
 
     seed_everything(t.seed)
     model = task.build_model()
 
-    # One step consumes `grad_accum` micro-batches on each of `world_size` ranks: a "window" of the plan.
-    window = t.grad_accum * engine.world_size
+    # One step consumes `grad_accum` micro-batches on each of `world_size` ranks: a window of the plan.
     lengths = splits.train["length"]
-    steps_per_epoch = math.ceil(math.ceil(len(lengths) / t.micro_batch_size) / window)
+    steps_per_epoch = math.ceil(math.ceil(len(lengths) / t.micro_batch_size) / (t.grad_accum * engine.world_size))
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
     optimizer = build_optimizer(model, t)
     engine.prepare(model, optimizer, build_scheduler(optimizer, t, total_steps))
@@ -120,10 +123,9 @@ def train(cfg: Config) -> dict:
     engine.train()
     while step < total_steps:
         plan = train_plan(lengths, t.micro_batch_size, t.seed, epoch, cfg.data.group_by_length)
-        windows = [plan[i:i + window] for i in range(0, len(plan), window)]
-        mine = [w[engine.rank::engine.world_size] for w in windows]
-        todo = mine[:total_steps - step]  # this epoch's windows, within the step budget
-        batches = iter(make_loader(splits.train, [b for w in todo for b in w], tokenizer,
+        steps = step_windows(plan, t.grad_accum, engine.rank, engine.world_size)
+        todo = steps[:total_steps - step]  # this epoch's steps, within the step budget
+        batches = iter(make_loader(splits.train, [b for w in todo for b, _ in w], tokenizer,
                                    cfg.data.num_workers, pin_memory=engine.device.type == "cuda"))
         for index, local in enumerate(todo):
             micro = [{k: v.to(engine.device, non_blocking=True) for k, v in next(batches).items()}
@@ -131,16 +133,17 @@ def train(cfg: Config) -> dict:
             # Loss normalisation: the step's gradient is that of the MEAN loss over every target (example
             # or token) in the global batch. Each micro-batch contributes sum(loss) / N_global, where
             # N_global counts targets over all micro-batches and ranks of this step, so a short last
-            # window or uneven padding weighs nothing differently. (Engines whose gradient all-reduce
-            # averages over ranks rescale by world size inside backward.)
-            counts = [task.count(b) for b in micro]
+            # window or uneven padding weighs nothing differently. Filler micro-batches (weight 0) keep
+            # ranks in lockstep and add nothing. (Engines whose gradient all-reduce averages over ranks
+            # rescale by world size inside backward.)
+            counts = [task.count(b) * w for b, (_, w) in zip(micro, local)]
             n_global = engine.all_reduce_sum(sum(counts))
-            for i, b in enumerate(micro):
-                loss_sum = task.loss_sum(engine.forward(**task.inputs(b)), b)
+            for i, (b, (_, w)) in enumerate(zip(micro, local)):
+                loss_sum = task.loss_sum(engine.forward(**task.inputs(b)), b) * w
                 engine.backward(loss_sum / n_global, sync=i == len(micro) - 1)
                 acc += torch.stack([loss_sum.detach().double(), counts[i],
-                                    counts[i].new_tensor(float(len(b["input_ids"]))),
-                                    b["attention_mask"].sum().double()])
+                                    counts[i].new_tensor(len(b["input_ids"]) * w),
+                                    b["attention_mask"].sum().double() * w])
             grad_norm = engine.step()
             step += 1
             bar.update(1)
@@ -148,7 +151,7 @@ def train(cfg: Config) -> dict:
             if step % cfg.logging.every_steps == 0 or step == total_steps:
                 loss_sum, count, examples, tokens = engine.all_reduce_sum(acc).tolist()
                 elapsed = time.perf_counter() - last_log
-                record = {"epoch": epoch + (index + 1) / len(mine), "loss": loss_sum / max(count, 1),
+                record = {"epoch": epoch + (index + 1) / len(steps), "loss": loss_sum / max(count, 1),
                           "lr": engine.lr(), "grad_norm": float(grad_norm),
                           "examples_per_s": examples / elapsed, "tokens_per_s": tokens / elapsed}
                 if sink:
@@ -159,7 +162,7 @@ def train(cfg: Config) -> dict:
                 run_validation(epoch)
             if cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0:
                 ckpt.save(step, state(epoch))
-        if len(todo) == len(mine):  # the whole epoch was consumed
+        if len(todo) == len(steps):  # the whole epoch was consumed
             epoch += 1
             if t.eval_every <= 0:
                 run_validation(epoch)
@@ -174,11 +177,12 @@ def train(cfg: Config) -> dict:
             bar.write(f"loaded the best checkpoint (step {ckpt.best_step}, "
                       f"{cfg.checkpoint.metric} {best:.4f}) for final/")
 
+    state_dict = engine.full_state_dict()
     if engine.is_main:
         meta = {"task": cfg.task.name, "text_column": cfg.data.text_column,
                 "text_pair_column": cfg.data.text_pair_column, "label_column": cfg.data.label_column,
                 "max_length": cfg.data.max_length}
-        export_model(engine.unwrapped, tokenizer, out / "final", task.labels, meta)
+        export_model(engine.unwrapped, tokenizer, out / "final", task.labels, meta, state_dict)
     if splits.test is not None:
         reports["test"] = evaluate(engine, task, splits.test, tokenizer, t.eval_batch_size)
         if engine.is_main:

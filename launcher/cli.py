@@ -1,4 +1,4 @@
-"""The ``dist-train`` command: train, eval, predict (and, later, launch / submit).
+"""The ``dist-train`` command: train, launch, eval, predict.
 
 Mistakes in the input end as one line on stderr and exit status 2, never a traceback.
 """
@@ -37,6 +37,23 @@ def cmd_train(args) -> int:
 
     train(cfg)
     return 0
+
+
+def cmd_launch(args) -> int:
+    import subprocess
+
+    from dist_train.config import load_config
+    from launcher.launch import LaunchArgs, build_command, launch_env, render
+
+    load_config(args.config, args.overrides)  # config errors surface here, before any worker starts
+    largs = LaunchArgs(args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id,
+                       args.max_restarts, args.launcher)
+    cmd, env = build_command(largs, args.config, args.overrides), launch_env(largs)
+    if args.dry_run:
+        print(render(cmd, env))
+        return 0
+    print(f"dist-train: launching {render(cmd, env)}", file=sys.stderr, flush=True)
+    return subprocess.run(cmd, env=env).returncode
 
 
 def cmd_eval(args) -> int:
@@ -82,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("launch", help="train on N processes through torchrun (or the DeepSpeed launcher)")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. engine.kind=deepspeed engine.zero_stage=2")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="worker processes per node")
+    p.add_argument("--nnodes", type=int, default=1, help="number of nodes")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's rank (DeepSpeed launcher)")
+    p.add_argument("--rdzv-endpoint", help="HOST:PORT of the rendezvous (multi-node)")
+    p.add_argument("--rdzv-id", default="dist-train", help="rendezvous id shared by all nodes of a job")
+    p.add_argument("--max-restarts", type=int, default=0, help="restart the worker group this many times")
+    p.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun")
+    p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    p.set_defaults(func=cmd_launch)
+
     def model_args(p):
         p.add_argument("model_dir", help="a trained model folder (e.g. output/sentiment/final)")
         p.add_argument("--text-column", help="text column (default: the one the model was trained on)")
@@ -108,11 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come before or after options (launch CONFIG --nproc-per-node 2 engine.kind=ddp).
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     from dist_train.errors import UserError
 
     try:
-        if args.command != "train" or not args.print_config:
+        if args.command in ("eval", "predict") or (args.command == "train" and not args.print_config):
             _quiet_transformers()
         return args.func(args)
     except UserError as exc:

@@ -146,7 +146,7 @@ def test_batches_pad_to_their_own_longest_not_the_dataset(tmp_path, tokenizer):
     ds, _, ids = read_labelled(str(path), DataConfig(cache_dir=str(tmp_path / "cache")))
     ds = tokenize_table(ds, tokenizer, "sentence", None, 128, ids)
     lengths = ds["length"]
-    batches = eval_plan(lengths, 8)
+    batches = [b for b, _ in eval_plan(lengths, 8)]
     widths = [b["input_ids"].shape[1] for b in make_loader(ds, batches, tokenizer)]
     assert widths == [max(lengths[i] for i in b) for b in batches]
     assert min(widths) < max(lengths)
@@ -174,9 +174,24 @@ def test_group_by_length_cuts_padding():
 
 def test_eval_plan_shards_every_example_exactly_once():
     lengths = list(range(1001))
-    shards = [eval_plan(lengths, 16, rank, 2) for rank in range(2)]
-    seen = sorted(i for shard in shards for b in shard for i in b)
-    assert seen == list(range(1001))
+    for world in (1, 2, 3):
+        shards = [eval_plan(lengths, 16, rank, world) for rank in range(world)]
+        assert len({len(s) for s in shards}) == 1  # same number of forward passes on every rank
+        seen = sorted(i for shard in shards for b, w in shard if w for i in b)
+        assert seen == list(range(1001))
+
+
+def test_step_windows_split_the_global_batch_the_same_way_at_any_world_size():
+    from dist_train.data.sampler import step_windows
+
+    plan = train_plan(list(range(1, 38)), 2, seed=0, epoch=0, group_by_length=False)  # 19 batches, last short
+    for ga, world in ((8, 1), (4, 2), (2, 4)):
+        steps = [step_windows(plan, ga, r, world) for r in range(world)]
+        assert len(steps[0]) == 3  # 8 batches per step: 8 + 8 + 3
+        for s in range(3):
+            real = sorted(i for r in range(world) for b, w in steps[r][s] if w for i in b)
+            assert real == sorted(i for b in plan[s * 8:(s + 1) * 8] for i in b)
+            assert len({len(steps[r][s]) for r in range(world)}) == 1
 
 
 def test_saved_labels_file_is_json(tmp_path):

@@ -104,6 +104,10 @@ class Engine:
         pass
 
     # -- state ------------------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict | None:
+        """The whole model's weights on the main process (None elsewhere); every rank must call it."""
+        return self.unwrapped.state_dict() if self.is_main else None
+
     def save(self, folder: str | Path) -> None:
         """Write model, optimizer, scheduler (and loss-scaler) state into ``folder``."""
         folder = Path(folder)

@@ -1,0 +1,145 @@
+"""DeepSpeed ZeRO (stages 0-3, optional CPU offload) behind the engine interface.
+
+The DeepSpeed config is generated from ours (one source of truth); ``engine.deepspeed`` may add keys but
+not contradict them. The LR schedule stays ours (a client scheduler), so DeepSpeed runs follow exactly the
+same LR as single and DDP runs. bf16 runs as torch autocast over fp32 weights (fp32 master weights and
+fp32 gradient accumulation at every stage); fp16 (GPU only) uses DeepSpeed's dynamic loss scaling.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dist_train.engine.base import Engine
+from dist_train.engine.dist_env import DistEnv
+from dist_train.errors import UserError
+
+TAG = "deepspeed"
+
+
+def _merge(base: dict, extra: dict, prefix: str = "") -> dict:
+    """``extra`` added into ``base``; a key both set to different values is an error naming both."""
+    out = dict(base)
+    for key, value in extra.items():
+        where = f"{prefix}{key}"
+        if key in out and isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = _merge(out[key], value, where + ".")
+        elif key in out and out[key] != value:
+            raise UserError(f"engine.deepspeed.{where}={value!r} conflicts with {out[key]!r}, which dist-train "
+                            "sets from the config; change the dist-train key instead (train.*, engine.*)")
+        else:
+            out[key] = value
+    return out
+
+
+def deepspeed_config(cfg, world_size: int) -> dict:
+    t, e = cfg.train, cfg.engine
+    zero: dict = {"stage": e.zero_stage}
+    if e.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if e.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    ds = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": zero,
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(ds, e.deepspeed or {})
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, cfg, precision: str = "fp32", max_grad_norm: float = 0.0, env: DistEnv | None = None):
+        self.env = env or DistEnv.from_environ(cfg.engine.timeout_s)
+        self.rank, self.local_rank, self.world_size = self.env.rank, self.env.local_rank, self.env.world_size
+        super().__init__(precision, max_grad_norm)
+        if self.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        self.scaler = None  # fp16 loss scaling is DeepSpeed's own
+        if precision == "fp16":
+            self.dtype = None  # DeepSpeed keeps fp16 weights itself; no autocast on top
+        self.env.init_process_group(self.device)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=self.env.backend(self.device), timeout=None)
+        self.ds_config = deepspeed_config(cfg, self.world_size)
+        self.offload = cfg.engine.offload_optimizer
+        self._hf_ds = None
+        if cfg.engine.zero_stage == 3:
+            # Kept alive so that transformers builds the model directly partitioned (zero.Init);
+            # without it ZeRO-3 construction leaves weights uninitialised.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds = HfDeepSpeedConfig(self.ds_config)
+
+    def prepare(self, model, optimizer, scheduler) -> None:
+        import deepspeed
+
+        if self.offload:
+            # Offloaded optimizer state lives on CPU and steps there with DeepSpeed's CPU Adam.
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(optimizer.param_groups, lr=optimizer.defaults["lr"],
+                                         betas=optimizer.defaults["betas"], eps=optimizer.defaults["eps"],
+                                         adamw_mode=True)
+            scheduler.optimizer = optimizer
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        self.model = self.ds.module
+
+    def forward(self, **inputs):
+        with self.autocast():
+            return self.ds(**inputs)
+
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        # DeepSpeed averages gradients over data-parallel ranks and (by default) divides by the
+        # accumulation steps; our loss is already the global mean's share, so undo both.
+        self.ds.set_gradient_accumulation_boundary(sync)
+        self.ds.backward(loss * self.world_size, scale_wrt_gas=False)
+        if not sync:
+            self.ds.step()  # a no-op between boundaries; keeps DeepSpeed's micro-step count in line
+
+    def step(self) -> torch.Tensor:
+        self.ds.step()  # clip, optimizer step, LR scheduler step, zero grads (at the boundary)
+        norm = self.ds.get_global_grad_norm()
+        return torch.as_tensor(0.0 if norm is None else float(norm))
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def train(self, mode: bool = True) -> None:
+        self.ds.train(mode)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    def barrier(self) -> None:
+        self.env.barrier()
+
+    def full_state_dict(self) -> dict | None:
+        """The whole model's weights on rank 0 (gathered from ZeRO-3 shards); None on other ranks."""
+        if self.ds.zero_optimization_partition_weights():
+            sd = self.ds._zero3_consolidated_16bit_state_dict()
+            return sd if self.is_main else None
+        return super().full_state_dict()
+
+    def save(self, folder: str | Path) -> None:
+        self.ds.save_checkpoint(str(folder), tag=TAG)
+
+    def load(self, folder: str | Path, weights_only: bool = False) -> None:
+        self.ds.load_checkpoint(str(folder), tag=TAG, load_module_only=weights_only,
+                                load_optimizer_states=not weights_only,
+                                load_lr_scheduler_states=not weights_only)
+
+    def close(self) -> None:
+        self.env.destroy()
