@@ -148,6 +148,8 @@ class LoggingConfig:
     """Write TensorBoard events to ``output_dir/tb``."""
     progress_bar: bool = True
     """Show a tqdm progress bar."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device, for MFU; 0 = look the GPU up in a table (CPU: no MFU)."""
 
 
 @dataclass

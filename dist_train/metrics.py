@@ -45,6 +45,30 @@ def classification_report(cm: torch.Tensor, loss_sum: float, names: list[str]) -
     return report
 
 
+# Dense bf16/fp16 tensor-core peak TFLOP/s per device (no sparsity), by a substring of the device name.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "A10": 125.0, "L40S": 362.0,
+               "L4": 121.0, "V100": 125.0, "T4": 65.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "MI300X": 1307.0,
+               "MI250": 362.0}
+
+
+def peak_tflops(device: torch.device, override: float = 0.0) -> float:
+    """The device's peak TFLOP/s: ``logging.peak_tflops`` if set, else the table (0 = unknown, no MFU)."""
+    if override > 0:
+        return override
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def scalars(record: dict) -> dict[str, float]:
     """The flat numeric entries of a record (what TensorBoard and one-line summaries show)."""
     return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -21,7 +22,7 @@ from dist_train.engine import build_engine
 from dist_train.errors import UserError
 from dist_train.evaluate import evaluate
 from dist_train.export import export_model
-from dist_train.metrics import MetricsSink, summary_line
+from dist_train.metrics import MetricsSink, peak_memory_mb, peak_tflops, summary_line
 from dist_train.models import load_tokenizer
 from dist_train.optim import build_optimizer, build_scheduler
 from dist_train.tasks import build_task
@@ -54,6 +55,26 @@ def prepare_output_dir(out: Path, cfg: Config) -> None:
             path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_yaml(cfg))
+
+
+def fault_injection(rank: int) -> int:
+    """Test hook: DIST_TRAIN_FAIL_AT=RANK:STEP makes that rank raise after that optimizer step."""
+    spec = os.environ.get("DIST_TRAIN_FAIL_AT", "")
+    if ":" not in spec:
+        return -1
+    fail_rank, fail_step = spec.split(":")
+    return int(fail_step) if int(fail_rank) == rank else -1
+
+
+def rank_stats(engine) -> dict:
+    """Per-rank peak memory, parameter and optimizer-state elements, gathered to every rank as lists."""
+    mine = torch.tensor([peak_memory_mb(engine.device), engine.num_parameters(local=True),
+                         engine.optimizer_state_numel()], dtype=torch.float64, device=engine.device)
+    table = torch.zeros(engine.world_size, 3, dtype=torch.float64, device=engine.device)
+    table[engine.rank] = mine
+    table = engine.all_reduce_sum(table).tolist()
+    return {"peak_memory_mb": [r[0] for r in table], "param_elements": [int(r[1]) for r in table],
+            "optimizer_state_elements": [int(r[2]) for r in table]}
 
 
 def train(cfg: Config) -> dict:
@@ -119,7 +140,11 @@ def train(cfg: Config) -> dict:
     # Running sums since the last log line, kept on device: no host sync on ordinary steps.
     zeros = lambda: torch.zeros(4, dtype=torch.float64, device=engine.device)  # noqa: E731
     acc = zeros()  # loss sum, loss count, examples, non-pad tokens
-    last_log, step, epoch = time.perf_counter(), 0, 0
+    last_log, step, epoch, seen = time.perf_counter(), 0, 0, 0.0
+    fail_at = fault_injection(engine.rank)
+    # MFU: ~6 FLOPs per parameter per (non-pad) token for forward + backward, against the peak of all ranks.
+    flops_per_token = 6 * engine.num_parameters()
+    peak_flops = peak_tflops(engine.device, cfg.logging.peak_tflops) * 1e12 * engine.world_size
     engine.train()
     while step < total_steps:
         plan = train_plan(lengths, t.micro_batch_size, t.seed, epoch, cfg.data.group_by_length)
@@ -147,13 +172,18 @@ def train(cfg: Config) -> dict:
             grad_norm = engine.step()
             step += 1
             bar.update(1)
+            if step == fail_at:
+                raise RuntimeError(f"injected failure at step {step} (DIST_TRAIN_FAIL_AT)")
 
             if step % cfg.logging.every_steps == 0 or step == total_steps:
                 loss_sum, count, examples, tokens = engine.all_reduce_sum(acc).tolist()
                 elapsed = time.perf_counter() - last_log
+                seen += examples
                 record = {"epoch": epoch + (index + 1) / len(steps), "loss": loss_sum / max(count, 1),
-                          "lr": engine.lr(), "grad_norm": float(grad_norm),
+                          "lr": engine.lr(), "grad_norm": float(grad_norm), "examples_seen": seen,
                           "examples_per_s": examples / elapsed, "tokens_per_s": tokens / elapsed}
+                if peak_flops:
+                    record["mfu"] = record["tokens_per_s"] * flops_per_token / peak_flops
                 if sink:
                     sink.write("train", step, record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
@@ -170,6 +200,9 @@ def train(cfg: Config) -> dict:
 
     if validated_at != step:
         run_validation(epoch)
+    per_rank = rank_stats(engine)
+    if sink:
+        sink.write("ranks", step, per_rank)
     ckpt.save(step, state(epoch))
     if cfg.checkpoint.load_best_at_end and ckpt.best_step is not None and ckpt.best_step != step:
         engine.load(ckpt.path(ckpt.best_step), weights_only=True)

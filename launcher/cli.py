@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             _quiet_transformers()
         return args.func(args)
     except UserError as exc:
-        print(f"dist-train: error: {exc}", file=sys.stderr)
+        who = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"dist-train: {who}error: {exc}", file=sys.stderr)
         return 2
 
 

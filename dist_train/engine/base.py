@@ -95,6 +95,30 @@ class Engine:
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
 
+    def num_parameters(self, local: bool = False) -> int:
+        """Parameter elements of the model; ``local``: only those this rank holds (ZeRO-3 shards)."""
+        total = 0
+        for p in self.unwrapped.parameters():
+            if local and hasattr(p, "ds_tensor"):
+                total += p.ds_tensor.numel()
+            else:
+                total += getattr(p, "ds_numel", p.numel())
+        return total
+
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer that finally steps (DeepSpeed's ZeRO optimizers wrap one)."""
+        opt = self.optimizer
+        while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+            opt = opt.optimizer
+        return opt
+
+    def optimizer_state_numel(self) -> int:
+        """Elements of optimizer state (Adam moments) held by this rank."""
+        seen = 0
+        for state in self.torch_optimizer().state.values():
+            seen += sum(v.numel() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+        return seen
+
     # -- collectives ------------------------------------------------------------------------------------
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum of ``tensor`` over all processes (returned; the input may be reused)."""

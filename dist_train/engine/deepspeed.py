@@ -72,13 +72,8 @@ class DeepSpeedEngine(Engine):
         deepspeed.init_distributed(dist_backend=self.env.backend(self.device), timeout=None)
         self.ds_config = deepspeed_config(cfg, self.world_size)
         self.offload = cfg.engine.offload_optimizer
-        self._hf_ds = None
-        if cfg.engine.zero_stage == 3:
-            # Kept alive so that transformers builds the model directly partitioned (zero.Init);
-            # without it ZeRO-3 construction leaves weights uninitialised.
-            from transformers.integrations import HfDeepSpeedConfig
-
-            self._hf_ds = HfDeepSpeedConfig(self.ds_config)
+        # The model is built whole (not under zero.Init) and ZeRO-3 partitions it in initialize(): its
+        # initial weights are then exactly those of every other engine under the same seed.
 
     def prepare(self, model, optimizer, scheduler) -> None:
         import deepspeed
@@ -90,10 +85,10 @@ class DeepSpeedEngine(Engine):
             optimizer = DeepSpeedCPUAdam(optimizer.param_groups, lr=optimizer.defaults["lr"],
                                          betas=optimizer.defaults["betas"], eps=optimizer.defaults["eps"],
                                          adamw_mode=True)
-            scheduler.optimizer = optimizer
-        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.model = self.ds.module
+        # Our schedule, re-bound to the optimizer DeepSpeed actually steps (ZeRO wraps and regroups it).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.torch_optimizer(), scheduler.lr_lambdas[0])
 
     def forward(self, **inputs):
         with self.autocast():
@@ -108,7 +103,8 @@ class DeepSpeedEngine(Engine):
             self.ds.step()  # a no-op between boundaries; keeps DeepSpeed's micro-step count in line
 
     def step(self) -> torch.Tensor:
-        self.ds.step()  # clip, optimizer step, LR scheduler step, zero grads (at the boundary)
+        self.ds.step()  # clip, optimizer step, zero grads (at the boundary)
+        self.scheduler.step()
         norm = self.ds.get_global_grad_norm()
         return torch.as_tensor(0.0 if norm is None else float(norm))
 
