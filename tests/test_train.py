@@ -31,7 +31,7 @@ def test_run_writes_every_output(trained):
     assert (out / "config.yaml").is_file() and load_config(out / "config.yaml") == cfg
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     splits = {r["split"] for r in records}
-    assert splits == {"train", "validation", "test"}
+    assert splits == {"train", "validation", "test", "ranks"}
     train_records = [r for r in records if r["split"] == "train"]
     assert all(r["examples_per_s"] > 0 and r["tokens_per_s"] > 0 for r in train_records)
     assert [r["step"] for r in records if r["split"] == "validation"] == [5, 10, 15, 20]
