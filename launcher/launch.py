@@ -66,7 +66,15 @@ def build_command(args: LaunchArgs, config: str, overrides: list[str]) -> list[s
 def launch_env(args: LaunchArgs) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(worker_threads(args.nproc_per_node)))
+    if not _has_cuda():
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, without its probing warning
     return env
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def render(cmd: list[str], env: dict[str, str]) -> str:
