@@ -85,6 +85,9 @@ def train(cfg: Config) -> dict:
 
     # Data first: every data error surfaces before anything is written to output_dir.
     task = build_task(cfg)
+    if cfg.checkpoint.metric not in task.metrics:
+        raise UserError(f"checkpoint.metric '{cfg.checkpoint.metric}' is not a {task.name} metric; "
+                        f"choose one of: {', '.join(task.metrics)}")
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained, cfg.model.trust_remote_code,
                                what="model.tokenizer" if cfg.model.tokenizer else "model.pretrained")
     # Rank 0 tokenizes into the cache while the others wait (bounded by engine.timeout_s), then they load it.
@@ -128,9 +131,6 @@ def train(cfg: Config) -> dict:
         if sink:
             sink.write("validation", step, {"epoch": epoch, **report})
             bar.write(summary_line(f"step {step} validation", report))
-        if cfg.checkpoint.metric not in report:
-            raise UserError(f"checkpoint.metric '{cfg.checkpoint.metric}' is not a validation metric; "
-                            f"choose one of: {', '.join(k for k, v in report.items() if isinstance(v, float))}")
         value = report[cfg.checkpoint.metric]
         if best is None or better(value, best):
             best = value

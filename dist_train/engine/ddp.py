@@ -8,28 +8,16 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from dist_train.engine.base import Engine
-from dist_train.engine.dist_env import DistEnv
+from dist_train.engine.dist_env import DistributedEngine
 
 
-class DDPEngine(Engine):
-    def __init__(self, precision: str = "fp32", max_grad_norm: float = 0.0, env: DistEnv | None = None):
-        self.env = env or DistEnv.from_environ()
-        self.rank, self.local_rank, self.world_size = self.env.rank, self.env.local_rank, self.env.world_size
-        super().__init__(precision, max_grad_norm)
-        self.env.init_process_group(self.device)
-
+class DDPEngine(DistributedEngine):
     def prepare(self, model, optimizer, scheduler) -> None:
         super().prepare(model, optimizer, scheduler)
         ids = [self.device.index] if self.device.type == "cuda" else None
         self.ddp = DistributedDataParallel(self.model, device_ids=ids)
-
-    @property
-    def unwrapped(self) -> torch.nn.Module:
-        return self.model
 
     def forward(self, **inputs):
         # Training forward goes through the DDP wrapper (it arms the gradient all-reduce); evaluation uses
@@ -45,14 +33,3 @@ class DDPEngine(Engine):
         context = contextlib.nullcontext() if sync else self.ddp.no_sync()
         with context:
             super().backward(loss)
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
-
-    def barrier(self) -> None:
-        self.env.barrier()
-
-    def close(self) -> None:
-        self.env.destroy()

@@ -12,10 +12,8 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from dist_train.engine.base import Engine
-from dist_train.engine.dist_env import DistEnv
+from dist_train.engine.dist_env import DistEnv, DistributedEngine
 from dist_train.errors import UserError
 
 TAG = "deepspeed"
@@ -56,17 +54,14 @@ def deepspeed_config(cfg, world_size: int) -> dict:
     return _merge(ds, e.deepspeed or {})
 
 
-class DeepSpeedEngine(Engine):
+class DeepSpeedEngine(DistributedEngine):
     def __init__(self, cfg, precision: str = "fp32", max_grad_norm: float = 0.0, env: DistEnv | None = None):
-        self.env = env or DistEnv.from_environ(cfg.engine.timeout_s)
-        self.rank, self.local_rank, self.world_size = self.env.rank, self.env.local_rank, self.env.world_size
-        super().__init__(precision, max_grad_norm)
+        super().__init__(precision, max_grad_norm, env or DistEnv.from_environ(cfg.engine.timeout_s))
         if self.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.scaler = None  # fp16 loss scaling is DeepSpeed's own
         if precision == "fp16":
             self.dtype = None  # DeepSpeed keeps fp16 weights itself; no autocast on top
-        self.env.init_process_group(self.device)
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=self.env.backend(self.device), timeout=None)
@@ -114,14 +109,6 @@ class DeepSpeedEngine(Engine):
     def train(self, mode: bool = True) -> None:
         self.ds.train(mode)
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
-
-    def barrier(self) -> None:
-        self.env.barrier()
-
     def full_state_dict(self) -> dict | None:
         """The whole model's weights on rank 0 (gathered from ZeRO-3 shards); None on other ranks."""
         if self.ds.zero_optimization_partition_weights():
@@ -136,6 +123,3 @@ class DeepSpeedEngine(Engine):
         self.ds.load_checkpoint(str(folder), tag=TAG, load_module_only=weights_only,
                                 load_optimizer_states=not weights_only,
                                 load_lr_scheduler_states=not weights_only)
-
-    def close(self) -> None:
-        self.env.destroy()

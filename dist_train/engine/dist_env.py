@@ -10,6 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from dist_train.engine.base import Engine
 from dist_train.errors import UserError
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -72,3 +73,24 @@ class DistEnv:
     def destroy(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class DistributedEngine(Engine):
+    """An engine with one process per device in a torch.distributed process group (DDP, DeepSpeed)."""
+
+    def __init__(self, precision: str = "fp32", max_grad_norm: float = 0.0, env: DistEnv | None = None):
+        self.env = env or DistEnv.from_environ()
+        self.rank, self.local_rank, self.world_size = self.env.rank, self.env.local_rank, self.env.world_size
+        super().__init__(precision, max_grad_norm)
+        self.env.init_process_group(self.device)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    def barrier(self) -> None:
+        self.env.barrier()
+
+    def close(self) -> None:
+        self.env.destroy()

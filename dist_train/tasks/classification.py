@@ -43,6 +43,8 @@ def read_labelled(path: str, data_cfg, labels: LabelMap | None = None, names: li
 
 class ClassificationTask:
     name = "classification"
+    metrics = ("loss", "accuracy", "f1_macro", "precision_macro", "recall_macro")
+    """Validation metrics that can pick the best checkpoint."""
 
     def __init__(self, cfg):
         self.cfg = cfg
