@@ -73,6 +73,15 @@ class DeepSpeedEngine(DistributedEngine):
     def prepare(self, model, optimizer, scheduler) -> None:
         import deepspeed
 
+        zero = self.ds_config["zero_optimization"]
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        if zero["stage"] == 3 and hidden:
+            # DeepSpeed's fixed ZeRO-3 bucket defaults (5e8 elements) allocate ~2 GB per rank even for a
+            # small model; size them to the model as transformers' "auto" values do (user keys win).
+            zero.setdefault("reduce_bucket_size", hidden * hidden)
+            zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
+            zero.setdefault("stage3_param_persistence_threshold", 10 * hidden)
+
         if self.offload:
             # Offloaded optimizer state lives on CPU and steps there with DeepSpeed's CPU Adam.
             from deepspeed.ops.adam import DeepSpeedCPUAdam
