@@ -6,6 +6,7 @@ The loop only calls these methods; single process, DDP and DeepSpeed differ behi
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,6 +18,15 @@ MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.pt"
 SCHED_FILE = "scheduler.pt"
 SCALER_FILE = "scaler.pt"
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); None where it cannot be told."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def pick_device(local_rank: int = 0) -> torch.device:
@@ -37,6 +47,10 @@ class Engine:
         if precision == "fp16" and self.device.type != "cuda":
             raise UserError("train.precision=fp16 needs a CUDA GPU; on CPU use train.precision=bf16 (or fp32)")
         self.precision = precision
+        if precision == "bf16" and self.device.type == "cpu" and cpu_has_native_bf16() is False and self.is_main:
+            warnings.warn("train.precision=bf16 on a CPU without native bf16 (no avx512_bf16/amx_bf16 in "
+                          "/proc/cpuinfo): autocast emulates it and ran ~18x slower than fp32 on such a CPU; "
+                          "consider train.precision=fp32", stacklevel=2)
         self.max_grad_norm = max_grad_norm
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         # fp16 needs dynamic loss scaling (small gradients underflow); bf16 has fp32's range and does not.
