@@ -48,6 +48,8 @@ RUNS = {  # name: (processes, micro batch, grad accum, extra overrides)
     "zero1_w2": (2, 2, 2, ["engine.kind=deepspeed", "engine.zero_stage=1"]),
     "zero2_w2": (2, 2, 2, ["engine.kind=deepspeed", "engine.zero_stage=2"]),
     "zero3_w2": (2, 2, 2, ["engine.kind=deepspeed", "engine.zero_stage=3"]),
+    # ZeRO-Offload: optimizer state and step on CPU with DeepSpeed's CPU Adam (compiled on first use).
+    "zero2_offload_w2": (2, 2, 2, ["engine.kind=deepspeed", "engine.zero_stage=2", "engine.offload_optimizer=true"]),
 }
 _done: dict = {}
 
