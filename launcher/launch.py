@@ -53,7 +53,9 @@ def build_command(args: LaunchArgs, config: str, overrides: list[str]) -> list[s
     if args.launcher == "deepspeed":
         if args.max_restarts:
             raise UserError("launch: --max-restarts needs --launcher torchrun (the DeepSpeed launcher does not restart)")
-        cmd = ["deepspeed", f"--num_gpus={args.nproc_per_node}"]
+        # --no_local_rank: workers read LOCAL_RANK from the environment, as under torchrun.
+        # (run as a module of this Python, so an unactivated venv needs no `deepspeed` on PATH)
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", f"--num_gpus={args.nproc_per_node}"]
         if args.nnodes > 1:  # (--num_nodes=1 makes the DeepSpeed launcher start a single rank)
             cmd += [f"--num_nodes={args.nnodes}", f"--node_rank={args.node_rank}"]
         if args.rdzv_endpoint:

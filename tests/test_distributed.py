@@ -130,3 +130,17 @@ def test_a_failing_rank_ends_the_whole_job(workdir):
     assert result.returncode != 0
     assert "injected failure at step 2" in result.stderr
     assert "rank" in result.stderr.lower() and ": 1" in result.stderr  # torchrun's summary names rank 1
+
+
+def test_deepspeed_launcher_runs_the_same_job(workdir):
+    """`dist-train launch --launcher deepspeed` starts 2 real ranks whose result equals torchrun's."""
+    out = workdir / "ds_launcher"
+    cfg = workdir / "ds_launcher.yaml"
+    cfg.write_text((run(workdir, "zero1_w2") / "config.yaml").read_text())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "launcher", "launch", str(cfg), "--nproc-per-node", "2",
+                             "--launcher", "deepspeed", f"output_dir={out}"], capture_output=True, text=True,
+                            cwd=ROOT, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert len(records(out, "ranks")[0]["optimizer_state_elements"]) == 2
+    assert max_diff(run(workdir, "zero1_w2"), out) == 0.0

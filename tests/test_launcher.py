@@ -32,7 +32,7 @@ def test_multi_node_torchrun_uses_c10d_rendezvous():
 
 def test_deepspeed_launcher_command():
     cmd = build_command(LaunchArgs(nproc_per_node=2, launcher="deepspeed"), CONFIG, ["engine.kind=deepspeed"])
-    assert cmd[:2] == ["deepspeed", "--num_gpus=2"]
+    assert cmd[:5] == [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--num_gpus=2"]
     assert not any(a.startswith("--num_nodes") for a in cmd)  # --num_nodes=1 would start a single rank
     assert cmd[-5:] == ["--module", "dist_train", "train", CONFIG, "engine.kind=deepspeed"]
 
