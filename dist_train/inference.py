@@ -15,7 +15,7 @@ from dist_train.errors import UserError
 from dist_train.evaluate import evaluate
 from dist_train.export import read_meta
 from dist_train.models import load_tokenizer, resolve_model_path
-from dist_train.tasks.classification import ClassificationEvaluator, read_labelled
+from dist_train.tasks.classification import ClassificationEvaluator, ClassificationTask, read_labelled
 
 
 class LoadedModel:
@@ -52,9 +52,7 @@ class LoadedModel:
         return evaluate(self.engine, self, ds, self.tokenizer, batch_size)
 
     # The task-side hooks evaluate() needs.
-    @staticmethod
-    def inputs(batch):
-        return {k: v for k, v in batch.items() if k != "labels"}
+    inputs = staticmethod(ClassificationTask.inputs)
 
     def evaluator(self, device):
         return ClassificationEvaluator(self.labels, device)

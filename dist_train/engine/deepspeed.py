@@ -112,9 +112,6 @@ class DeepSpeedEngine(DistributedEngine):
         norm = self.ds.get_global_grad_norm()
         return torch.as_tensor(0.0 if norm is None else float(norm))
 
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
     def train(self, mode: bool = True) -> None:
         self.ds.train(mode)
 
