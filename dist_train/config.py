@@ -129,7 +129,7 @@ class EngineConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0
-    """Save a checkpoint every N optimizer steps (0 = only at evaluations that improve the best metric and at the end)."""
+    """Save a checkpoint every N optimizer steps (0 = only at epoch ends, improved evaluations and the end)."""
     keep_last_n: int = 2
     """Keep this many newest checkpoints (the best one is always kept too)."""
     metric: str = "accuracy"
@@ -138,6 +138,12 @@ class CheckpointConfig:
     """Whether a larger or smaller ``metric`` is better."""
     load_best_at_end: bool = True
     """Export the best checkpoint (by ``metric`` on validation) to ``final/`` rather than the last one."""
+    every_epoch: bool = True
+    """Also save a checkpoint at the end of every epoch."""
+    resume: Optional[str] = None
+    """``auto``: continue from the newest complete checkpoint in ``output_dir`` (damaged ones are skipped;
+    no checkpoint = start fresh). A path (a ``step-N`` folder, or a run folder) resumes from there. The
+    resumed run continues exactly where the checkpoint was taken, also at another world size."""
 
 
 @dataclass
@@ -362,6 +368,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config: engine.timeout_s must be > 0, got {e.timeout_s}")
     if cfg.logging.every_steps < 1:
         raise UserError(f"config: logging.every_steps must be >= 1, got {cfg.logging.every_steps}")
+    if cfg.checkpoint.every_steps < 0:
+        raise UserError(f"config: checkpoint.every_steps must be >= 0, got {cfg.checkpoint.every_steps}")
     if cfg.checkpoint.keep_last_n < 1:
         raise UserError(f"config: checkpoint.keep_last_n must be >= 1, got {cfg.checkpoint.keep_last_n}")
 

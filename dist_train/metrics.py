@@ -83,14 +83,15 @@ def summary_line(prefix: str, report: dict) -> str:
 class MetricsSink:
     """Writes records to metrics.jsonl and TensorBoard. Built only on the main process."""
 
-    def __init__(self, output_dir: str | Path, tensorboard: bool):
+    def __init__(self, output_dir: str | Path, tensorboard: bool, purge_step: int | None = None):
+        """``purge_step``: a resumed run hides TensorBoard events from this step on (the ones it replays)."""
         self.path = Path(output_dir, "metrics.jsonl")
         self.file = open(self.path, "a", buffering=1)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(output_dir, "tb")))
+            self.tb = SummaryWriter(str(Path(output_dir, "tb")), purge_step=purge_step)
 
     def write(self, split: str, step: int, record: dict) -> None:
         self.file.write(json.dumps({"split": split, "step": step, **record}) + "\n")

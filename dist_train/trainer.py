@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import math
 import os
-import random
 import shutil
+import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from dist_train.checkpoint import CheckpointManager
+from dist_train.checkpoint import CheckpointManager, read_state
 from dist_train.config import Config, dump_yaml
 from dist_train.data import make_loader
 from dist_train.data.sampler import step_windows, train_plan
@@ -25,45 +23,63 @@ from dist_train.export import export_model
 from dist_train.metrics import MetricsSink, peak_memory_mb, peak_tflops, summary_line
 from dist_train.models import load_tokenizer
 from dist_train.optim import build_optimizer, build_scheduler
+from dist_train.resume import check_config, check_data, check_engine, data_fingerprint, find_checkpoint, steps_left
+from dist_train.seeding import seed_everything
 from dist_train.tasks import build_task
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "final", "eval_report.json")
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def check_output_dir(cfg: Config) -> Path:
+def check_output_dir(cfg: Config, resume_from: Path | None) -> Path:
     """Refuse to mix a new run into an old one unless ``overwrite`` is set (nothing is lost by accident)."""
     out = Path(cfg.output_dir)
+    if resume_from is not None:
+        return out
     existing = [name for name in RUN_FILES if (out / name).exists()]
-    if existing and not cfg.overwrite:
-        raise UserError(f"output_dir '{out}' already holds a run ({', '.join(existing)}); "
-                        "choose another output_dir=... or pass overwrite=true to replace it")
+    # resume=auto that found no checkpoint starts fresh over what an early-killed attempt left behind;
+    # a finished run or damaged checkpoints are never replaced without overwrite.
+    leftovers_only = cfg.checkpoint.resume == "auto" and not (out / "final").exists() and not any(
+        (out / "checkpoints").glob("step-*"))
+    if existing and not cfg.overwrite and not leftovers_only:
+        raise UserError(f"output_dir '{out}' already holds a run ({', '.join(existing)}); choose another "
+                        "output_dir=..., pass checkpoint.resume=auto to continue it, or overwrite=true to replace it")
     return out
 
 
-def prepare_output_dir(out: Path, cfg: Config) -> None:
-    for name in RUN_FILES:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+def prepare_output_dir(out: Path, cfg: Config, resumed_step: int | None) -> None:
+    """Fresh run: clear the run files. Resumed run: drop the records written after the checkpoint."""
+    if resumed_step is None:
+        for name in RUN_FILES:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    else:
+        metrics = out / "metrics.jsonl"
+        if metrics.is_file():
+            # Records after the checkpoint are replayed by the resumed run; end-of-run records are rewritten.
+            keep = [line for line in metrics.read_text().splitlines(keepends=True)
+                    if _keep_record(json.loads(line), resumed_step)]
+            metrics.write_text("".join(keep))
+        for name in ("final", "eval_report.json"):
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_yaml(cfg))
 
 
-def fault_injection(rank: int) -> int:
-    """Test hook: DIST_TRAIN_FAIL_AT=RANK:STEP makes that rank raise after that optimizer step."""
-    spec = os.environ.get("DIST_TRAIN_FAIL_AT", "")
-    if ":" not in spec:
-        return -1
-    fail_rank, fail_step = spec.split(":")
-    return int(fail_step) if int(fail_rank) == rank else -1
+def _keep_record(record: dict, step: int) -> bool:
+    return record["step"] <= step and record["split"] not in ("ranks", "test")
+
+
+def fault_injection(rank: int) -> tuple[int, bool]:
+    """Test hook: DIST_TRAIN_FAIL_AT=RANK:STEP[:kill] makes that rank raise (or die by SIGKILL) after that
+    optimizer step, in the first attempt only (torchrun's restarts resume past it)."""
+    spec = os.environ.get("DIST_TRAIN_FAIL_AT", "").split(":")
+    if len(spec) < 2 or int(spec[0]) != rank or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return -1, False
+    return int(spec[1]), spec[2:] == ["kill"]
 
 
 def rank_stats(engine) -> dict:
@@ -81,7 +97,13 @@ def train(cfg: Config) -> dict:
     """Fine-tune (or train from scratch) as ``cfg`` says; returns the final reports by split."""
     engine = build_engine(cfg)
     t = cfg.train
-    out = check_output_dir(cfg)
+    resume_from = find_checkpoint(cfg)
+    if resume_from is not None:
+        check_config(resume_from, cfg)  # before any work: a changed model or task fails at once
+    saved = read_state(resume_from) if resume_from is not None else None
+    if saved is not None:
+        check_engine(resume_from, saved, engine.checkpoint_format)
+    out = check_output_dir(cfg, resume_from)
 
     # Data first: every data error surfaces before anything is written to output_dir.
     task = build_task(cfg)
@@ -94,34 +116,67 @@ def train(cfg: Config) -> dict:
     if not engine.is_main:
         engine.barrier()
     splits = task.prepare(tokenizer)
+    lengths = splits.train["length"]
+    fingerprint = data_fingerprint(lengths, splits.train["labels"] if "labels" in splits.train.column_names else None)
+    if saved is not None:
+        check_data(resume_from, saved["data"], fingerprint)
     if engine.is_main:
         engine.barrier()
-        prepare_output_dir(out, cfg)
+        prepare_output_dir(out, cfg, saved["step"] if saved else None)
     engine.barrier()
 
     seed_everything(t.seed)
     model = task.build_model()
 
-    # One step consumes `grad_accum` micro-batches on each of `world_size` ranks: a window of the plan.
-    lengths = splits.train["length"]
-    steps_per_epoch = math.ceil(math.ceil(len(lengths) / t.micro_batch_size) / (t.grad_accum * engine.world_size))
-    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+    # Position in the run: optimizer steps done, epoch, and batches of that epoch's plan consumed. One step
+    # consumes a window of `grad_accum x world_size` consecutive plan batches.
+    step, epoch, done = (saved["step"], saved["epoch"], saved["batches_done"]) if saved else (0, 0, 0)
+    window = t.grad_accum * engine.world_size
+    batches_per_epoch = -(-len(lengths) // t.micro_batch_size)
+    total_steps = t.max_steps if t.max_steps > 0 else step + steps_left(t.epochs, batches_per_epoch, window,
+                                                                         epoch, done)
     optimizer = build_optimizer(model, t)
     engine.prepare(model, optimizer, build_scheduler(optimizer, t, total_steps))
 
-    ckpt = CheckpointManager(out, cfg.checkpoint.keep_last_n, engine)
-    sink = MetricsSink(out, cfg.logging.tensorboard) if engine.is_main else None
-    bar = tqdm(total=total_steps, desc="train", unit="step", mininterval=1.0,
-               disable=not (engine.is_main and cfg.logging.progress_bar))
+    def describe(folder: Path) -> None:  # what export needs besides the weights
+        export_model(engine.unwrapped, tokenizer, folder, task.labels, export_meta(cfg), weights=False)
+
+    ckpt = CheckpointManager(out, cfg.checkpoint.keep_last_n, engine, describe)
     better = (lambda a, b: a > b) if cfg.checkpoint.mode == "max" else (lambda a, b: a < b)
-    best, validated_at = None, -1
+    best, validated_at, seen = None, -1, 0.0
+    # Running sums since the last log line, kept on device: no host sync on ordinary steps.
+    zeros = lambda: torch.zeros(4, dtype=torch.float64, device=engine.device)  # noqa: E731
+    acc = zeros()  # loss sum, loss count, examples, non-pad tokens
+    if saved is not None:
+        # Model, optimizer, scheduler and this rank's RNG continue exactly; the log sums (global) go to rank 0.
+        ckpt.load(resume_from)
+        ckpt.best_step, best, validated_at = saved["best_step"], saved["best_metric"], saved["validated_at"]
+        seen = saved["examples_seen"]
+        if engine.is_main:
+            acc += torch.tensor(saved["log_sums"], dtype=torch.float64, device=engine.device)
+            moved = "" if saved["world_size"] == engine.world_size and saved["window"] == window else (
+                f"; world {saved['world_size']} x accumulation {saved['window'] // saved['world_size']} -> "
+                f"world {engine.world_size} x accumulation {t.grad_accum}, the rest of the epoch re-cut")
+            print(f"dist-train: resuming from {resume_from} at step {step} (epoch {epoch}, batch {done} of "
+                  f"{batches_per_epoch}){moved}", flush=True)
+
+    sink = MetricsSink(out, cfg.logging.tensorboard, purge_step=step + 1 if saved else None) if engine.is_main else None
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", mininterval=1.0,
+               disable=not (engine.is_main and cfg.logging.progress_bar))
     reports: dict = {}
 
-    def state(epoch: int) -> dict:
-        return {"step": step, "epoch": epoch, "best_metric": best, "best_step": ckpt.best_step,
-                "metric": cfg.checkpoint.metric}
+    def state() -> dict:
+        """Everything besides engine and RNG that the run needs to continue from here (a collective)."""
+        return {"step": step, "epoch": epoch, "batches_done": done, "examples_seen": seen,
+                "log_sums": engine.all_reduce_sum(acc).tolist(), "best_metric": best,
+                "best_step": ckpt.best_step, "validated_at": validated_at, "metric": cfg.checkpoint.metric,
+                "world_size": engine.world_size, "window": window, "engine": engine.checkpoint_format,
+                "total_steps": total_steps, "data": fingerprint}
 
-    def run_validation(epoch: int) -> None:
+    def save() -> None:
+        ckpt.save(step, state(), dump_yaml(cfg))
+
+    def run_validation() -> None:
         nonlocal best, validated_at
         if splits.validation is None:
             return
@@ -129,30 +184,27 @@ def train(cfg: Config) -> dict:
         report = evaluate(engine, task, splits.validation, tokenizer, t.eval_batch_size)
         reports["validation"] = report
         if sink:
-            sink.write("validation", step, {"epoch": epoch, **report})
+            sink.write("validation", step, {"epoch": epoch + done / batches_per_epoch, **report})
             bar.write(summary_line(f"step {step} validation", report))
         value = report[cfg.checkpoint.metric]
         if best is None or better(value, best):
             best = value
             ckpt.mark_best(step)
-            ckpt.save(step, state(epoch))
+            save()
 
-    # Running sums since the last log line, kept on device: no host sync on ordinary steps.
-    zeros = lambda: torch.zeros(4, dtype=torch.float64, device=engine.device)  # noqa: E731
-    acc = zeros()  # loss sum, loss count, examples, non-pad tokens
-    last_log, step, epoch, seen = time.perf_counter(), 0, 0, 0.0
-    fail_at = fault_injection(engine.rank)
+    last_log = time.perf_counter()
+    fail_at, kill = fault_injection(engine.rank)
     # MFU: ~6 FLOPs per parameter per (non-pad) token for forward + backward, against the peak of all ranks.
     flops_per_token = 6 * engine.num_parameters()
     peak_flops = peak_tflops(engine.device, cfg.logging.peak_tflops) * 1e12 * engine.world_size
     engine.train()
     while step < total_steps:
         plan = train_plan(lengths, t.micro_batch_size, t.seed, epoch, cfg.data.group_by_length)
-        steps = step_windows(plan, t.grad_accum, engine.rank, engine.world_size)
-        todo = steps[:total_steps - step]  # this epoch's steps, within the step budget
+        # Resume mid-epoch: start at the saved position of the plan (a slice, nothing is replayed).
+        todo = step_windows(plan[done:], t.grad_accum, engine.rank, engine.world_size)[:total_steps - step]
         batches = iter(make_loader(splits.train, [b for w in todo for b, _ in w], tokenizer,
-                                   cfg.data.num_workers, pin_memory=engine.device.type == "cuda"))
-        for index, local in enumerate(todo):
+                                   cfg.data.num_workers, pin_memory=engine.device.type == "cuda", seed=t.seed))
+        for local in todo:
             micro = [{k: v.to(engine.device, non_blocking=True) for k, v in next(batches).items()}
                      for _ in local]
             # Loss normalisation: the step's gradient is that of the MEAN loss over every target (example
@@ -171,15 +223,23 @@ def train(cfg: Config) -> dict:
                                     b["attention_mask"].sum().double() * w])
             grad_norm = engine.step()
             step += 1
+            done = min(done + window, len(plan))
+            epoch_end = done == len(plan)
+            if epoch_end:
+                epoch, done = epoch + 1, 0
             bar.update(1)
             if step == fail_at:
+                if kill:
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError(f"injected failure at step {step} (DIST_TRAIN_FAIL_AT)")
 
+            # Everything that happens at a step boundary, in one order: log, validate, checkpoint (last, so
+            # that a resumed run continues after all of it).
             if step % cfg.logging.every_steps == 0 or step == total_steps:
                 loss_sum, count, examples, tokens = engine.all_reduce_sum(acc).tolist()
                 elapsed = time.perf_counter() - last_log
                 seen += examples
-                record = {"epoch": epoch + (index + 1) / len(steps), "loss": loss_sum / max(count, 1),
+                record = {"epoch": epoch + done / len(plan), "loss": loss_sum / max(count, 1),
                           "lr": engine.lr(), "grad_norm": float(grad_norm), "examples_seen": seen,
                           "examples_per_s": examples / elapsed, "tokens_per_s": tokens / elapsed}
                 if peak_flops:
@@ -188,34 +248,28 @@ def train(cfg: Config) -> dict:
                     sink.write("train", step, record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 acc, last_log = zeros(), time.perf_counter()
-            if t.eval_every > 0 and step % t.eval_every == 0:
-                run_validation(epoch)
-            if cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0:
-                ckpt.save(step, state(epoch))
-        if len(todo) == len(steps):  # the whole epoch was consumed
-            epoch += 1
-            if t.eval_every <= 0:
-                run_validation(epoch)
+            if (t.eval_every > 0 and step % t.eval_every == 0) or (t.eval_every <= 0 and epoch_end):
+                run_validation()
+            every = cfg.checkpoint.every_steps
+            if (every > 0 and step % every == 0) or (epoch_end and cfg.checkpoint.every_epoch):
+                save()
     bar.close()
 
     if validated_at != step:
-        run_validation(epoch)
+        run_validation()
     per_rank = rank_stats(engine)
     if sink:
         sink.write("ranks", step, per_rank)
-    ckpt.save(step, state(epoch))
+    save()
     if cfg.checkpoint.load_best_at_end and ckpt.best_step is not None and ckpt.best_step != step:
-        engine.load(ckpt.path(ckpt.best_step), weights_only=True)
+        ckpt.load(ckpt.path(ckpt.best_step), weights_only=True)
         if engine.is_main:
             bar.write(f"loaded the best checkpoint (step {ckpt.best_step}, "
                       f"{cfg.checkpoint.metric} {best:.4f}) for final/")
 
     state_dict = engine.full_state_dict()
     if engine.is_main:
-        meta = {"task": cfg.task.name, "text_column": cfg.data.text_column,
-                "text_pair_column": cfg.data.text_pair_column, "label_column": cfg.data.label_column,
-                "max_length": cfg.data.max_length}
-        export_model(engine.unwrapped, tokenizer, out / "final", task.labels, meta, state_dict)
+        export_model(engine.unwrapped, tokenizer, out / "final", task.labels, export_meta(cfg), state_dict=state_dict)
     if splits.test is not None:
         reports["test"] = evaluate(engine, task, splits.test, tokenizer, t.eval_batch_size)
         if engine.is_main:
@@ -226,3 +280,10 @@ def train(cfg: Config) -> dict:
         sink.close()
     engine.close()
     return reports
+
+
+def export_meta(cfg: Config) -> dict:
+    """What dist-train's own eval/predict read back from an exported folder."""
+    return {"task": cfg.task.name, "text_column": cfg.data.text_column,
+            "text_pair_column": cfg.data.text_pair_column, "label_column": cfg.data.label_column,
+            "max_length": cfg.data.max_length}

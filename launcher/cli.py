@@ -1,4 +1,4 @@
-"""The ``dist-train`` command: train, launch, eval, predict.
+"""The ``dist-train`` command: train, launch, eval, predict, export.
 
 Mistakes in the input end as one line on stderr and exit status 2, never a traceback.
 """
@@ -89,6 +89,14 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from dist_train.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out_dir)
+    print(f"exported {args.checkpoint} to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-train", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="a .tsv/.csv/.jsonl/.parquet file with a text column")
     p.add_argument("--output", help="where --file's predictions go (TSV)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a training checkpoint (any engine) as a Hugging Face model folder")
+    p.add_argument("checkpoint", help="a checkpoint folder, e.g. output/sentiment/checkpoints/step-540")
+    p.add_argument("out_dir", help="new folder for the model (safetensors, config with labels, tokenizer)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -149,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from dist_train.errors import UserError
 
     try:
-        if args.command in ("eval", "predict") or (args.command == "train" and not args.print_config):
+        if args.command in ("eval", "predict", "export") or (args.command == "train" and not args.print_config):
             _quiet_transformers()
         return args.func(args)
     except UserError as exc:

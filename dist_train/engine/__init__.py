@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dist_train.engine.base import Engine
+from pathlib import Path
+
+from dist_train.engine.base import MODEL_FILE, Engine
 from dist_train.engine.dist_env import DistEnv, launched
 from dist_train.engine.single import SingleEngine
 
@@ -26,3 +28,14 @@ def build_engine(cfg) -> Engine:
     from dist_train.engine.deepspeed import DeepSpeedEngine
 
     return DeepSpeedEngine(cfg, env=env, **common)
+
+
+def consolidated_state_dict(folder: str | Path, checkpoint_format: str) -> dict:
+    """The whole model's weights from a checkpoint of either format, loaded in this one process."""
+    if checkpoint_format == "deepspeed":
+        from dist_train.engine.deepspeed import fp32_state_dict
+
+        return fp32_state_dict(folder)
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder, MODEL_FILE)))

@@ -41,6 +41,8 @@ class Engine:
     rank = 0
     local_rank = 0
     world_size = 1
+    checkpoint_format = "torch"
+    """What ``save`` writes; a checkpoint resumes only on an engine of the same format (any world size)."""
 
     def __init__(self, precision: str = "fp32", max_grad_norm: float = 0.0):
         self.device = pick_device(self.local_rank)

@@ -8,7 +8,10 @@ fp32 gradient accumulation at every stage); fp16 (GPU only) uses DeepSpeed's dyn
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from argparse import Namespace
 from pathlib import Path
 
 import torch
@@ -55,6 +58,8 @@ def deepspeed_config(cfg, world_size: int) -> dict:
 
 
 class DeepSpeedEngine(DistributedEngine):
+    checkpoint_format = "deepspeed"
+
     def __init__(self, cfg, precision: str = "fp32", max_grad_norm: float = 0.0, env: DistEnv | None = None):
         super().__init__(precision, max_grad_norm, env or DistEnv.from_environ(cfg.engine.timeout_s))
         if self.device.type == "cpu":
@@ -123,9 +128,83 @@ class DeepSpeedEngine(DistributedEngine):
         return super().full_state_dict()
 
     def save(self, folder: str | Path) -> None:
-        self.ds.save_checkpoint(str(folder), tag=TAG)
+        # Our LR schedule is not DeepSpeed's, so its state travels as client state.
+        self.ds.save_checkpoint(str(folder), tag=TAG, client_state={"scheduler": self.scheduler.state_dict()})
 
     def load(self, folder: str | Path, weights_only: bool = False) -> None:
-        self.ds.load_checkpoint(str(folder), tag=TAG, load_module_only=weights_only,
-                                load_optimizer_states=not weights_only,
-                                load_lr_scheduler_states=not weights_only)
+        folder = Path(folder)
+        saved_world = len(list((folder / TAG).glob("*optim_states.pt")))
+        # ZeRO partitions optimizer state by world size. At another world size, convert the checkpoint to
+        # DeepSpeed's universal format (fp32 weights and Adam moments per parameter) and load that.
+        universal = not weights_only and self.ds.zero_optimization() and saved_world != self.world_size
+        source = folder.parent / f".universal-{folder.name}" if universal else folder
+        if universal:
+            if self.is_main:
+                to_universal(folder / TAG, source / TAG)
+            self.barrier()
+        self.ds._config.load_universal_checkpoint = universal
+        try:
+            with weights_only_loads():
+                _, client = self.ds.load_checkpoint(str(source), tag=TAG, load_module_only=weights_only,
+                                                    load_optimizer_states=not weights_only,
+                                                    load_lr_scheduler_states=False)
+        finally:
+            self.ds._config.load_universal_checkpoint = False
+        if not weights_only:
+            self.scheduler.load_state_dict(client["scheduler"])
+        if universal:
+            self.barrier()
+            if self.is_main:
+                shutil.rmtree(source, ignore_errors=True)
+
+
+def to_universal(src: Path, dst: Path) -> None:
+    """DeepSpeed's own converter (ds_to_universal), run in this process."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    shutil.rmtree(dst.parent, ignore_errors=True)
+    args = Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1, num_merge_workers=1,
+                     keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with weights_only_loads(), contextlib.redirect_stdout(None):
+        ds_to_universal.main(args)
+    # The universal loader reads the model-states files of the current world, one per rank.
+    # (see notes in the load path)
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Make DeepSpeed's checkpoint loads weights-only (it asks torch.load for weights_only=False).
+
+    Its files hold tensors, plain containers and three of DeepSpeed's plain data classes; those are
+    allow-listed, nothing else can be unpickled.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = original
+
+
+def fp32_state_dict(folder: str | Path) -> dict:
+    """The full fp32 weights of a DeepSpeed checkpoint of any ZeRO stage, in one process, no process group."""
+    folder = Path(folder)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with weights_only_loads():
+        if not list((folder / TAG).glob("*optim_states.pt")):  # stage 0: the module is whole in one file
+            return torch.load(folder / TAG / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(None):
+            return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG)

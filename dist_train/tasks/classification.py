@@ -71,11 +71,16 @@ class ClassificationTask:
         return Splits(train, validation, test, labels)
 
     # -- model -----------------------------------------------------------------------------------------
-    def build_model(self):
+    @staticmethod
+    def auto_model():
+        """The transformers auto class of this task's models (export rebuilds models through it)."""
         from transformers import AutoModelForSequenceClassification
 
+        return AutoModelForSequenceClassification
+
+    def build_model(self):
         lm = self.labels
-        return build_model(self.cfg.model, AutoModelForSequenceClassification, num_labels=lm.num_labels,
+        return build_model(self.cfg.model, self.auto_model(), num_labels=lm.num_labels,
                            id2label=lm.id2label, label2id=lm.label2id)
 
     # -- loss and metrics ------------------------------------------------------------------------------
