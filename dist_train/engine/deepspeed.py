@@ -136,13 +136,16 @@ class DeepSpeedEngine(DistributedEngine):
         saved_world = len(list((folder / TAG).glob("*optim_states.pt")))
         # ZeRO partitions optimizer state by world size. At another world size, convert the checkpoint to
         # DeepSpeed's universal format (fp32 weights and Adam moments per parameter) and load that.
-        universal = not weights_only and self.ds.zero_optimization() and saved_world != self.world_size
+        universal = not weights_only and self.ds.zero_optimization() and (saved_world != self.world_size)
         source = folder.parent / f".universal-{folder.name}" if universal else folder
         if universal:
             if self.is_main:
                 to_universal(folder / TAG, source / TAG)
             self.barrier()
         self.ds._config.load_universal_checkpoint = universal
+        # DeepSpeed's ZeRO-3 universal load copies param group 0's hyperparameters into every group, which
+        # would give the no-decay group (biases, norms) weight decay; they are the config's, so keep ours.
+        groups = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.torch_optimizer().param_groups]
         try:
             with weights_only_loads():
                 _, client = self.ds.load_checkpoint(str(source), tag=TAG, load_module_only=weights_only,
@@ -150,6 +153,13 @@ class DeepSpeedEngine(DistributedEngine):
                                                     load_lr_scheduler_states=False)
         finally:
             self.ds._config.load_universal_checkpoint = False
+        for group, hyper in zip(self.torch_optimizer().param_groups, groups):
+            group.update(hyper)
+        # The same universal load gives every parameter group one shared `step` tensor, which Adam then
+        # increments once per group per step (wrong bias correction); give each its own.
+        for state in self.torch_optimizer().state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
         if not weights_only:
             self.scheduler.load_state_dict(client["scheduler"])
         if universal:
@@ -165,10 +175,9 @@ def to_universal(src: Path, dst: Path) -> None:
     shutil.rmtree(dst.parent, ignore_errors=True)
     args = Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1, num_merge_workers=1,
                      keep_temp_folder=False, strict=True, inject_missing_state=True)
-    with weights_only_loads(), contextlib.redirect_stdout(None):
+    with weights_only_loads(), open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), \
+            contextlib.redirect_stderr(quiet):
         ds_to_universal.main(args)
-    # The universal loader reads the model-states files of the current world, one per rank.
-    # (see notes in the load path)
 
 
 @contextlib.contextmanager
