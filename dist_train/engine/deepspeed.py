@@ -136,7 +136,10 @@ class DeepSpeedEngine(DistributedEngine):
         saved_world = len(list((folder / TAG).glob("*optim_states.pt")))
         # ZeRO partitions optimizer state by world size. At another world size, convert the checkpoint to
         # DeepSpeed's universal format (fp32 weights and Adam moments per parameter) and load that.
-        universal = not weights_only and self.ds.zero_optimization() and (saved_world != self.world_size)
+        resharded = self.ds.zero_optimization() and saved_world != self.world_size
+        if resharded and weights_only:
+            return self._load_weights(fp32_state_dict(folder))
+        universal = resharded
         source = folder.parent / f".universal-{folder.name}" if universal else folder
         if universal:
             if self.is_main:
@@ -166,6 +169,17 @@ class DeepSpeedEngine(DistributedEngine):
             self.barrier()
             if self.is_main:
                 shutil.rmtree(source, ignore_errors=True)
+
+    def _load_weights(self, state_dict: dict) -> None:
+        """Copy full weights into the (possibly ZeRO-3 partitioned) model; optimizer state is untouched."""
+        import deepspeed
+
+        params = dict(self.ds.module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0,
+                                               enabled=self.ds.zero_optimization_partition_weights()):
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(state_dict[name].to(param.dtype))
 
 
 def to_universal(src: Path, dst: Path) -> None:
@@ -215,5 +229,5 @@ def fp32_state_dict(folder: str | Path) -> dict:
             return torch.load(folder / TAG / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(None):
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG)

@@ -63,8 +63,22 @@ class DistEnv:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         # A bounded timeout: a rank that never arrives fails the job instead of a silent 30-minute hang.
+        timeout = timedelta(seconds=self.timeout_s)
         dist.init_process_group(self.backend(device), rank=self.rank, world_size=self.world_size,
-                                timeout=timedelta(seconds=self.timeout_s))
+                                timeout=timeout, store=self._restart_store(timeout))
+
+    def _restart_store(self, timeout: timedelta):
+        """Under torchrun, the agent's store with one key prefix per restart attempt (None otherwise).
+
+        torchrun keeps its store (and port) across ``--max-restarts``, so without a prefix the restarted
+        ranks read the dead group's addresses from it and fail to connect ("Connection refused").
+        """
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+            return None
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world_size,
+                              is_master=False, timeout=timeout)
+        return dist.PrefixStore(f"/dist-train/attempt_{attempt}", store)
 
     def barrier(self) -> None:
         if dist.is_initialized():
