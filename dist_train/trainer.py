@@ -95,6 +95,7 @@ def rank_stats(engine) -> dict:
 
 def train(cfg: Config) -> dict:
     """Fine-tune (or train from scratch) as ``cfg`` says; returns the final reports by split."""
+    started = time.perf_counter()
     engine = build_engine(cfg)
     t = cfg.train
     resume_from = find_checkpoint(cfg)
@@ -149,7 +150,9 @@ def train(cfg: Config) -> dict:
     acc = zeros()  # loss sum, loss count, examples, non-pad tokens
     if saved is not None:
         # Model, optimizer, scheduler and this rank's RNG continue exactly; the log sums (global) go to rank 0.
+        load_start = time.perf_counter()
         ckpt.load(resume_from)
+        load_s = time.perf_counter() - load_start
         ckpt.best_step, best, validated_at = saved["best_step"], saved["best_metric"], saved["validated_at"]
         seen = saved["examples_seen"]
         if engine.is_main:
@@ -157,8 +160,9 @@ def train(cfg: Config) -> dict:
             moved = "" if saved["world_size"] == engine.world_size and saved["window"] == window else (
                 f"; world {saved['world_size']} x accumulation {saved['window'] // saved['world_size']} -> "
                 f"world {engine.world_size} x accumulation {t.grad_accum}, the rest of the epoch re-cut")
+            size_mb = sum(f.stat().st_size for f in resume_from.rglob("*") if f.is_file()) / 2**20
             print(f"dist-train: resuming from {resume_from} at step {step} (epoch {epoch}, batch {done} of "
-                  f"{batches_per_epoch}){moved}", flush=True)
+                  f"{batches_per_epoch}){moved}; loaded {size_mb:.0f} MB in {load_s:.2f} s", flush=True)
 
     sink = MetricsSink(out, cfg.logging.tensorboard, purge_step=step + 1 if saved else None) if engine.is_main else None
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", mininterval=1.0,
@@ -222,6 +226,10 @@ def train(cfg: Config) -> dict:
                                     counts[i].new_tensor(len(b["input_ids"]) * w),
                                     b["attention_mask"].sum().double() * w])
             grad_norm = engine.step()
+            if started and engine.is_main:  # once per process: how long until training really runs
+                print(f"dist-train: first optimizer step done {time.perf_counter() - started:.2f} s after start",
+                      flush=True)
+            started = 0.0
             step += 1
             done = min(done + window, len(plan))
             epoch_end = done == len(plan)
