@@ -72,6 +72,10 @@ def save_load_throughput(cfg_path: Path, work: Path, repeats: int) -> dict:
     from dist_train.optim import build_optimizer, build_scheduler
     from dist_train.tasks import build_task
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     cfg = load_config(cfg_path, ["engine.kind=single"])
     engine = build_engine(cfg)
     task = build_task(cfg)

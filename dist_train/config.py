@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
@@ -140,6 +141,9 @@ class CheckpointConfig:
     """Export the best checkpoint (by ``metric`` on validation) to ``final/`` rather than the last one."""
     every_epoch: bool = True
     """Also save a checkpoint at the end of every epoch."""
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGUSR1"])
+    """Signals that make the run save a checkpoint after the current step and stop (exit 0), e.g. ahead of a
+    preemption: ``kill -USR1 <pid>``. Continue later with ``checkpoint.resume=auto``."""
     resume: Optional[str] = None
     """``auto``: continue from the newest complete checkpoint in ``output_dir`` (damaged ones are skipped;
     no checkpoint = start fresh). A path (a ``step-N`` folder, or a run folder) resumes from there. The
@@ -370,6 +374,10 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config: logging.every_steps must be >= 1, got {cfg.logging.every_steps}")
     if cfg.checkpoint.every_steps < 0:
         raise UserError(f"config: checkpoint.every_steps must be >= 0, got {cfg.checkpoint.every_steps}")
+    for name in cfg.checkpoint.stop_signals:
+        if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP"):
+            raise UserError(f"config: checkpoint.stop_signals: '{name}' is not a signal that can be caught; "
+                            "use names like SIGUSR1, SIGUSR2, SIGTERM")
     if cfg.checkpoint.keep_last_n < 1:
         raise UserError(f"config: checkpoint.keep_last_n must be >= 1, got {cfg.checkpoint.keep_last_n}")
 

@@ -25,6 +25,7 @@ from dist_train.models import load_tokenizer
 from dist_train.optim import build_optimizer, build_scheduler
 from dist_train.resume import check_config, check_data, check_engine, data_fingerprint, find_checkpoint, steps_left
 from dist_train.seeding import seed_everything
+from dist_train.stopping import StopSignals
 from dist_train.tasks import build_task
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "final", "eval_report.json")
@@ -196,7 +197,8 @@ def train(cfg: Config) -> dict:
             ckpt.mark_best(step)
             save()
 
-    last_log = time.perf_counter()
+    last_log, stop_now = time.perf_counter(), False
+    stop = StopSignals(cfg.checkpoint.stop_signals)
     fail_at, kill = fault_injection(engine.rank)
     # MFU: ~6 FLOPs per parameter per (non-pad) token for forward + backward, against the peak of all ranks.
     flops_per_token = 6 * engine.num_parameters()
@@ -218,7 +220,8 @@ def train(cfg: Config) -> dict:
             # ranks in lockstep and add nothing. (Engines whose gradient all-reduce averages over ranks
             # rescale by world size inside backward.)
             counts = [task.count(b) * w for b, (_, w) in zip(micro, local)]
-            n_global = engine.all_reduce_sum(sum(counts))
+            # One all-reduce carries the global target count and whether any rank was asked to stop.
+            n_global, stop_votes = engine.all_reduce_sum(torch.stack([sum(counts), counts[0].new_tensor(stop.flag)]))
             for i, (b, (_, w)) in enumerate(zip(micro, local)):
                 loss_sum = task.loss_sum(engine.forward(**task.inputs(b)), b) * w
                 engine.backward(loss_sum / n_global, sync=i == len(micro) - 1)
@@ -226,6 +229,7 @@ def train(cfg: Config) -> dict:
                                     counts[i].new_tensor(len(b["input_ids"]) * w),
                                     b["attention_mask"].sum().double() * w])
             grad_norm = engine.step()
+            stop_now = stop_votes.item() > 0  # reduced before this step's forward: long done, no real wait
             if started and engine.is_main:  # once per process: how long until training really runs
                 print(f"dist-train: first optimizer step done {time.perf_counter() - started:.2f} s after start",
                       flush=True)
@@ -259,9 +263,22 @@ def train(cfg: Config) -> dict:
             if (t.eval_every > 0 and step % t.eval_every == 0) or (t.eval_every <= 0 and epoch_end):
                 run_validation()
             every = cfg.checkpoint.every_steps
-            if (every > 0 and step % every == 0) or (epoch_end and cfg.checkpoint.every_epoch):
+            if (every > 0 and step % every == 0) or (epoch_end and cfg.checkpoint.every_epoch) or stop_now:
                 save()
+            if stop_now:
+                break
+        if stop_now:
+            break
     bar.close()
+    stop.restore()
+    if stop_now:
+        if engine.is_main:
+            print(f"dist-train: stopped after step {step} on request ({stop.received or 'a stop signal'} on some "
+                  f"rank); saved {ckpt.path(step)}; continue with checkpoint.resume=auto", flush=True)
+        if sink:
+            sink.close()
+        engine.close()
+        return {"stopped_at": step}
 
     if validated_at != step:
         run_validation()

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from safetensors.torch import load_file
@@ -213,6 +216,31 @@ def test_corrupted_checkpoint_is_named_and_auto_falls_back(work):
     assert result.returncode == 0, result.stderr[-4000:]
     assert "skipping checkpoint" in result.stderr and "step-8" in result.stderr
     assert "resuming from" in result.stdout and "step-5 at step 5" in result.stdout  # the best, at step 5
+    assert max_diff(full / "final", out / "final") == 0.0
+
+
+def test_stop_signal_saves_stops_and_the_run_continues_exactly(work):
+    """SIGUSR1 (checkpoint.stop_signals) = save after the current step and exit 0; resume=auto finishes."""
+    tmp, configs = work
+    full = uninterrupted(work, "single")
+    out = tmp / "signalled"
+    cmd = worker_cmd(1, configs["dropout"], f"output_dir={out}", "engine.kind=single", "train.grad_accum=2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").is_file() and '"train"' in (out / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped = int(re.search(r"stopped after step (\d+) on request \(SIGUSR1", stdout).group(1))
+    assert 3 <= stopped < 38 and (out / "checkpoints" / f"step-{stopped}").is_dir()
+    assert not (out / "final").exists()
+    resumed = execute(worker_cmd(1, configs["dropout"], f"output_dir={out}", "engine.kind=single",
+                                 "train.grad_accum=2", "checkpoint.resume=auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {stopped} " in resumed.stdout
     assert max_diff(full / "final", out / "final") == 0.0
 
 
