@@ -25,6 +25,8 @@ from dist_train.errors import UserError
 ADJUSTABLE = ("output_dir", "overwrite", "data.train", "data.validation", "data.test", "data.num_workers",
               "data.cache_dir", "train.epochs", "train.max_steps", "train.eval_every", "train.eval_batch_size",
               "train.grad_accum", "train.max_grad_norm", "engine.", "checkpoint.", "logging.")
+# ...except these engine keys: they change how optimizer state is laid out in the checkpoint.
+FIXED = ("engine.zero_stage", "engine.offload_optimizer")
 
 
 def find_checkpoint(cfg: Config) -> Path | None:
@@ -72,7 +74,7 @@ def check_config(folder: Path, cfg: Config) -> None:
     saved = _flatten(yaml.safe_load((folder / CONFIG_FILE).read_text()))
     now = _flatten(to_dict(cfg))
     changed = [key for key in sorted(saved.keys() | now.keys())
-               if saved.get(key) != now.get(key) and not key.startswith(ADJUSTABLE)]
+               if saved.get(key) != now.get(key) and (key in FIXED or not key.startswith(ADJUSTABLE))]
     if changed:
         diffs = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
         more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""

@@ -24,6 +24,8 @@ TINY_BERT = {
     "intermediate_size": 128, "vocab_size": 30522, "max_position_embeddings": 128,
 }
 
+NO_DROPOUT = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
 
 def head(path: Path, n: int) -> str:
     """Header plus the first ``n`` rows of a TSV."""
@@ -66,6 +68,20 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     return subprocess.run([sys.executable, "-m", "launcher", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or ROOT, env=env, timeout=timeout)
+
+
+def worker_cmd(nproc: int, cfg, *overrides) -> list[str]:
+    """`dist_train train` in one process (nproc 1, no launcher) or under real torchrun."""
+    if nproc == 1:
+        return [sys.executable, "-m", "dist_train", "train", str(cfg), *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
+            "-m", "dist_train", "train", str(cfg), *overrides]
+
+
+def execute(cmd, env_extra=None, timeout=900) -> subprocess.CompletedProcess:
+    """Run a multi-process job with 1 thread per rank (2 cores here) and DeepSpeed on CPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env_extra or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:

@@ -16,20 +16,13 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, SENTIMENT, TINY_BERT, head, tiny_config
+from conftest import NO_DROPOUT, ROOT, SENTIMENT, execute, head, tiny_config, worker_cmd
 
-NO_DROPOUT = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 TRAIN_ROWS = 150  # 18 full steps of 8 examples and a short last one (6): fillers at world 2
 
 
 def launch(nproc: int, cfg, *overrides, env_extra=None, timeout=900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env_extra or {})}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "dist_train", "train", str(cfg), *overrides]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
-               "-m", "dist_train", "train", str(cfg), *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    return execute(worker_cmd(nproc, cfg, *overrides), env_extra, timeout)
 
 
 @pytest.fixture(scope="module")

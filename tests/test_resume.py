@@ -18,9 +18,9 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, SENTIMENT, TINY_BERT, assert_user_error, head, run_cli, tiny_config
+from conftest import (NO_DROPOUT, ROOT, SENTIMENT, TINY_BERT, assert_user_error, execute, head, run_cli, tiny_config,
+                      worker_cmd)
 
-NO_DROPOUT = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 ROWS, EPOCHS = 150, 2  # micro-batch 4: 38 batches an epoch (the last one short)
 ENGINES = {  # name: (processes, grad accum, overrides); all take 2 micro-batches per optimizer step
     "single": (1, 2, ["engine.kind=single"]),
@@ -28,18 +28,6 @@ ENGINES = {  # name: (processes, grad accum, overrides); all take 2 micro-batche
     "zero2": (2, 1, ["engine.kind=deepspeed", "engine.zero_stage=2"]),
     "zero3": (2, 1, ["engine.kind=deepspeed", "engine.zero_stage=3"]),
 }
-
-
-def worker_cmd(nproc: int, cfg, *overrides) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "dist_train", "train", str(cfg), *overrides]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
-            "-m", "dist_train", "train", str(cfg), *overrides]
-
-
-def execute(cmd, env_extra=None, timeout=600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env_extra or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +245,11 @@ def test_resume_refuses_a_changed_model_engine_or_data(work):
     assert_user_error(run_cli(*base, f"data.train={other}"), "training data differs", "150 examples then, 155 now")
     result = execute(worker_cmd(2, configs["dropout"], *base[2:], "engine.kind=deepspeed"))
     assert result.returncode != 0 and "written by the torch engine" in result.stderr
+    zero2, _ = train_run(work, "zero2-resumed", 2, "dropout", "train.grad_accum=1", *ENGINES["zero2"][2],
+                         "checkpoint.resume=auto")  # a finished ZeRO-2 run
+    result = execute(worker_cmd(1, configs["dropout"], f"output_dir={zero2}", "checkpoint.resume=auto",
+                                "engine.kind=deepspeed", "engine.zero_stage=3"))
+    assert result.returncode == 2 and "engine.zero_stage: 2 -> 3" in result.stderr, result.stderr[-2000:]
 
 
 def test_resume_may_extend_the_run(work):

@@ -1,0 +1,22 @@
+"""Benchmarks stay runnable: each runs end to end on a tiny setting (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_resume_bench_runs_on_a_tiny_setting(tmp_path):
+    out = tmp_path / "resume.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "bench/resume.py", "--model", "tiny", "--rows", "320", "--rounds", "1",
+                             "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["steps_per_epoch"] == 10 and len(data["seconds"]["resume_90pct"]) == 1
+    assert data["ratio_resume_10pct"] > 0 and data["load_mb_per_s"] > 0
+    assert "ratio resume/fresh" in result.stdout
