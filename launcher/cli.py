@@ -1,4 +1,4 @@
-"""The ``dist-train`` command: train, launch, eval, predict, export.
+"""The ``dist-train`` command: train, launch, submit, eval, predict, export.
 
 Mistakes in the input end as one line on stderr and exit status 2, never a traceback.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 
@@ -17,6 +18,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # transformers imports DeepSpeed for its integration checks; without a GPU, tell it so up front (it
+    # would print a warning line of its own otherwise).
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _quiet_transformers() -> None:
@@ -43,17 +50,39 @@ def cmd_launch(args) -> int:
     import subprocess
 
     from dist_train.config import load_config
-    from launcher.launch import LaunchArgs, build_command, launch_env, render
+    from launcher.launch import LaunchArgs, build_command, check_slurm_grant, launch_env, render
 
-    load_config(args.config, args.overrides)  # config errors surface here, before any worker starts
+    cfg = load_config(args.config, args.overrides)  # config errors surface here, before any worker starts
     largs = LaunchArgs(args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id,
                        args.max_restarts, args.launcher)
     cmd, env = build_command(largs, args.config, args.overrides), launch_env(largs)
     if args.dry_run:
         print(render(cmd, env))
         return 0
+    check_slurm_grant(largs.nproc_per_node)
+    # Stop signals are for the training processes (they checkpoint and exit); the launcher and torchrun
+    # (which inherits this) ignore them instead of dying of them and taking the job down.
+    for name in cfg.checkpoint.stop_signals:
+        signal.signal(signal.Signals[name], signal.SIG_IGN)
     print(f"dist-train: launching {render(cmd, env)}", file=sys.stderr, flush=True)
     return subprocess.run(cmd, env=env).returncode
+
+
+def cmd_submit(args) -> int:
+    from dist_train.config import load_config
+    from launcher.submit import SubmitArgs, render, submit
+
+    cfg = load_config(args.config, args.overrides)
+    overrides = [o for o in args.overrides if not o.startswith("output_dir=")]
+    sargs = SubmitArgs(args.config, overrides, cfg.output_dir, args.nodes, args.gpus_per_node, args.nproc_per_node,
+                       args.time, args.partition, args.account, args.qos, args.cpus_per_task, args.mem,
+                       args.requeue, args.signal_lead, args.job_name)
+    if args.dry_run:
+        print(render(sargs), end="")
+        return 0
+    job_id, log = submit(sargs)
+    print(f"submitted job {job_id}; log: {log}; output: {sargs.output_dir}/job-{job_id}")
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -119,6 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("submit", help="submit a training job to SLURM (sbatch), multi-node, with requeue")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="one training process per GPU (0 = CPU job)")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="training processes per node of a CPU job")
+    p.add_argument("--time", default="01:00:00", help="time limit, HH:MM:SS")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--cpus-per-task", type=int, help="CPUs per node (default: one per training process)")
+    p.add_argument("--mem", help="memory per node, e.g. 64G")
+    p.add_argument("--requeue", action="store_true", help="requeue when stopped by the time-limit signal")
+    p.add_argument("--signal-lead", type=int, default=120, help="seconds before the limit to checkpoint and stop")
+    p.add_argument("--job-name", default="dist-train")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script instead of submitting it")
+    p.set_defaults(func=cmd_submit)
 
     def model_args(p):
         p.add_argument("model_dir", help="a trained model folder (e.g. output/sentiment/final)")

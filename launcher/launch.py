@@ -81,3 +81,20 @@ def _has_cuda() -> bool:
 
 def render(cmd: list[str], env: dict[str, str]) -> str:
     return f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} " + shlex.join(cmd)
+
+
+def check_slurm_grant(nproc_per_node: int) -> None:
+    """Inside a SLURM job, refuse more processes per node than it granted (instead of a hang or a crawl)."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if gpus and _has_cuda():
+        granted, what = len(gpus.split(",")), "GPUs"
+    elif "SLURM_CPUS_ON_NODE" in os.environ:
+        granted, what = int(os.environ["SLURM_CPUS_ON_NODE"]), "CPUs"
+    else:
+        return
+    if nproc_per_node > granted:
+        raise UserError(f"launch: --nproc-per-node {nproc_per_node} asks for more processes than the {granted} "
+                        f"{what} SLURM granted this node; submit with more (--cpus-per-task / --gpus-per-node) "
+                        "or lower --nproc-per-node")

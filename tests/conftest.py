@@ -84,6 +84,15 @@ def execute(cmd, env_extra=None, timeout=900) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
 
 
+def max_diff(a: Path, b: Path) -> float:
+    """Largest absolute difference between the weights of two model folders (same tensor names)."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
 def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
     """Exit 2, one line on stderr naming the problem, no traceback."""
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])

@@ -16,10 +16,8 @@ import sys
 import time
 
 import pytest
-from safetensors.torch import load_file
-
-from conftest import (NO_DROPOUT, ROOT, SENTIMENT, TINY_BERT, assert_user_error, execute, head, run_cli, tiny_config,
-                      worker_cmd)
+from conftest import (NO_DROPOUT, ROOT, SENTIMENT, TINY_BERT, assert_user_error, execute, head, max_diff, run_cli,
+                      tiny_config, worker_cmd)
 
 ROWS, EPOCHS = 150, 2  # micro-batch 4: 38 batches an epoch (the last one short)
 ENGINES = {  # name: (processes, grad accum, overrides); all take 2 micro-batches per optimizer step
@@ -66,16 +64,6 @@ def train_run(work, key, nproc, cfg_name, *overrides, env=None, expect_ok=True):
 def uninterrupted(work, engine, cfg_name="dropout"):
     nproc, ga, extra = ENGINES[engine]
     return train_run(work, f"{engine}-{cfg_name}-full", nproc, cfg_name, f"train.grad_accum={ga}", *extra)[0]
-
-
-def weights(folder):
-    return load_file(str(folder / "model.safetensors"))
-
-
-def max_diff(a, b) -> float:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
 def records(out):
