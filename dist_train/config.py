@@ -142,8 +142,9 @@ class CheckpointConfig:
     every_epoch: bool = True
     """Also save a checkpoint at the end of every epoch."""
     stop_signals: list[str] = field(default_factory=lambda: ["SIGUSR1"])
-    """Signals that make the run save a checkpoint after the current step and stop (exit 0), e.g. ahead of a
-    preemption: ``kill -USR1 <pid>``. Continue later with ``checkpoint.resume=auto``."""
+    """Signals that make the run save a checkpoint and stop (exit 0) at the next log step (within
+    ``logging.every_steps`` steps), e.g. ahead of a preemption: ``kill -USR1 <pid>``. Continue later with
+    ``checkpoint.resume=auto``."""
     resume: Optional[str] = None
     """``auto``: continue from the newest complete checkpoint in ``output_dir`` (damaged ones are skipped;
     no checkpoint = start fresh). A path (a ``step-N`` folder, or a run folder) resumes from there. The

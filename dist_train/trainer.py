@@ -229,7 +229,6 @@ def train(cfg: Config) -> dict:
                                     counts[i].new_tensor(len(b["input_ids"]) * w),
                                     b["attention_mask"].sum().double() * w])
             grad_norm = engine.step()
-            stop_now = stop_votes.item() > 0  # reduced before this step's forward: long done, no real wait
             if started and engine.is_main:  # once per process: how long until training really runs
                 print(f"dist-train: first optimizer step done {time.perf_counter() - started:.2f} s after start",
                       flush=True)
@@ -248,6 +247,9 @@ def train(cfg: Config) -> dict:
             # Everything that happens at a step boundary, in one order: log, validate, checkpoint (last, so
             # that a resumed run continues after all of it).
             if step % cfg.logging.every_steps == 0 or step == total_steps:
+                # Stop requests are read here, where the log line syncs with the host anyway: a stop comes
+                # at most logging.every_steps steps after the signal, and ordinary steps never wait.
+                stop_now = stop_votes.item() > 0
                 loss_sum, count, examples, tokens = engine.all_reduce_sum(acc).tolist()
                 elapsed = time.perf_counter() - last_log
                 seen += examples
