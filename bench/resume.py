@@ -68,7 +68,6 @@ def save_load_throughput(cfg_path: Path, work: Path, repeats: int) -> dict:
     from dist_train.checkpoint import CheckpointManager, require_valid
     from dist_train.config import load_config
     from dist_train.engine import build_engine
-    from dist_train.models import load_tokenizer
     from dist_train.optim import build_optimizer, build_scheduler
     from dist_train.tasks import build_task
 
@@ -79,7 +78,7 @@ def save_load_throughput(cfg_path: Path, work: Path, repeats: int) -> dict:
     cfg = load_config(cfg_path, ["engine.kind=single"])
     engine = build_engine(cfg)
     task = build_task(cfg)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
+    tokenizer = task.load_tokenizer()
     task.prepare(tokenizer)
     model = task.build_model()
     optimizer = build_optimizer(model, cfg.train)

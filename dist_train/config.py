@@ -14,11 +14,25 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
 from dist_train.errors import UserError
+
+
+@dataclass
+class TokenizerTrainConfig:
+    kind: Optional[Literal["bpe", "wordpiece"]] = None
+    """``bpe``: byte-level BPE with an end-of-text token (GPT-2 style, for causal LM); ``wordpiece``: BERT
+    style with [CLS] [SEP] [MASK] (for masked LM); null: no training, use ``model.tokenizer``. The trained
+    tokenizer is cached (same corpus and settings: trained once) and saved with every checkpoint and export."""
+    vocab_size: int = 8000
+    """Vocabulary size, special tokens included."""
+    min_frequency: int = 2
+    """A merge or word piece must occur this often in the corpus to enter the vocabulary."""
+    lowercase: bool = False
+    """Lowercase text before tokenizing (BERT 'uncased')."""
 
 
 @dataclass
@@ -33,16 +47,20 @@ class ModelConfig:
     """Tokenizer folder or known name; defaults to ``pretrained``. Required with ``config``."""
     trust_remote_code: bool = False
     """Allow model folders to run their own Python code. Off unless you trust the folder."""
+    train_tokenizer: TokenizerTrainConfig = field(default_factory=lambda: TokenizerTrainConfig())
+    """Train a new tokenizer on ``data.train`` first (language modelling from scratch)."""
 
 
 @dataclass
 class DataConfig:
-    train: Optional[str] = None
-    """Training file (.tsv, .csv, .jsonl/.json or .parquet)."""
-    validation: Optional[str] = None
-    """Validation file. If absent, ``validation_split`` of train is carved off (when > 0)."""
-    test: Optional[str] = None
-    """Test file, evaluated once at the end into ``eval_report.json``."""
+    train: Optional[Union[str, list[str]]] = None
+    """Training data. Classification: one labelled file (.tsv, .csv, .jsonl/.json or .parquet). Language
+    modelling: text files (.txt: see ``text_unit``), JSONL or tables with ``text_column``; a path, a glob
+    (``corpus/*.txt``), a folder, or a list of these."""
+    validation: Optional[Union[str, list[str]]] = None
+    """Validation data, as ``train``. If absent, ``validation_split`` of train is carved off (when > 0)."""
+    test: Optional[Union[str, list[str]]] = None
+    """Test data, as ``train``, evaluated once at the end into ``eval_report.json``."""
     text_column: str = "sentence"
     """Column holding the text."""
     text_pair_column: Optional[str] = None
@@ -54,7 +72,13 @@ class DataConfig:
     split_seed: int = 42
     """Seed of the train/validation split."""
     max_length: int = 128
-    """Truncate every example to this many tokens."""
+    """Classification: truncate every example to this many tokens. Language modelling: the block length
+    (documents are joined end to end and cut into blocks of exactly this many tokens)."""
+    text_unit: Literal["line", "paragraph", "document"] = "line"
+    """What one document is in a plain-text file: a line, a paragraph (blank-line separated: use this for
+    hard-wrapped text such as books), or the whole file."""
+    num_proc: Optional[int] = None
+    """Processes that tokenize a corpus (``datasets.map``); null = one. The result is cached either way."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding, faster); order stays random across batches."""
     num_workers: int = 0
@@ -65,10 +89,15 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["classification"] = "classification"
-    """What to train: ``classification`` (sequence classification, one label per text or text pair)."""
+    name: Literal["classification", "causal_lm", "masked_lm"] = "classification"
+    """What to train: ``classification`` (one label per text or text pair), ``causal_lm`` (next-token
+    prediction, GPT-style) or ``masked_lm`` (BERT-style masked tokens)."""
     label_names: Optional[list[str]] = None
     """Display names for the labels, in sorted order of the label values (e.g. ``[negative, positive]`` for 0/1)."""
+    mlm_probability: float = 0.15
+    """masked_lm: fraction of tokens selected as targets; of those 80% become [MASK], 10% a random token, 10% stay."""
+    whole_word_mask: bool = False
+    """masked_lm: select whole words (all their word pieces) instead of single tokens."""
 
 
 @dataclass
@@ -133,10 +162,11 @@ class CheckpointConfig:
     """Save a checkpoint every N optimizer steps (0 = only at epoch ends, improved evaluations and the end)."""
     keep_last_n: int = 2
     """Keep this many newest checkpoints (the best one is always kept too)."""
-    metric: str = "accuracy"
-    """Validation metric that picks the best checkpoint (e.g. accuracy, f1_macro, loss)."""
-    mode: Literal["max", "min"] = "max"
-    """Whether a larger or smaller ``metric`` is better."""
+    metric: Optional[str] = None
+    """Validation metric that picks the best checkpoint (e.g. accuracy, f1_macro, loss, perplexity);
+    null = the task's first (classification: accuracy; language modelling: loss)."""
+    mode: Optional[Literal["max", "min"]] = None
+    """Whether a larger or smaller ``metric`` is better; null = min for loss and perplexity, else max."""
     load_best_at_end: bool = True
     """Export the best checkpoint (by ``metric`` on validation) to ``final/`` rather than the last one."""
     every_epoch: bool = True
@@ -338,12 +368,28 @@ def validate(cfg: Config) -> None:
     m = cfg.model
     if (m.pretrained is None) == (m.config is None):
         raise UserError("config: set exactly one of model.pretrained (a model folder) or model.config (from scratch)")
-    if m.config is not None and m.tokenizer is None:
-        raise UserError("config: model.config builds a model from scratch and needs model.tokenizer (a tokenizer folder)")
+    if m.config is not None and m.tokenizer is None and m.train_tokenizer.kind is None:
+        raise UserError("config: model.config builds a model from scratch and needs model.tokenizer (a tokenizer "
+                        "folder) or model.train_tokenizer.kind (bpe or wordpiece)")
     if m.config is not None and "model_type" not in m.config:
         raise UserError("config: model.config needs 'model_type' (e.g. bert, gpt2, distilbert)")
     if cfg.data.train is None:
-        raise UserError("config: data.train is required (a .tsv, .csv, .jsonl or .parquet file)")
+        raise UserError("config: data.train is required (a .tsv, .csv, .jsonl or .parquet file; text files "
+                        "for language modelling)")
+    tt = m.train_tokenizer
+    if tt.kind is not None:
+        if m.config is None or m.tokenizer is not None:
+            raise UserError("config: model.train_tokenizer trains a tokenizer for a model built from scratch; "
+                            "use it with model.config and without model.tokenizer / model.pretrained")
+        if cfg.task.name == "classification":
+            raise UserError("config: model.train_tokenizer is for language modelling (task.name causal_lm or "
+                            "masked_lm); pretrain first, then fine-tune with the pretrained model's tokenizer")
+        if tt.vocab_size < 300:
+            raise UserError(f"config: model.train_tokenizer.vocab_size must be >= 300, got {tt.vocab_size}")
+    if not 0.0 < cfg.task.mlm_probability < 1.0:
+        raise UserError(f"config: task.mlm_probability must be in (0, 1), got {cfg.task.mlm_probability}")
+    if cfg.data.num_proc is not None and cfg.data.num_proc < 1:
+        raise UserError(f"config: data.num_proc must be >= 1 (or null), got {cfg.data.num_proc}")
     if not 0.0 <= cfg.data.validation_split < 1.0:
         raise UserError(f"config: data.validation_split must be in [0, 1), got {cfg.data.validation_split}")
     t = cfg.train

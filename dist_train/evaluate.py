@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from dist_train.data import make_loader
+from dist_train.data.collate import EVAL_EPOCH
 from dist_train.data.sampler import eval_plan
 
 
 @torch.no_grad()
-def evaluate(engine, task, ds, tokenizer, batch_size: int) -> dict:
+def evaluate(engine, task, ds, batch_size: int) -> dict:
     """Run the model over ``ds`` (this rank's share) and return the task's report, reduced over ranks."""
-    plan = eval_plan(ds["length"], batch_size, engine.rank, engine.world_size)
+    plan = eval_plan(task.lengths(ds), batch_size, engine.rank, engine.world_size)
     evaluator = task.evaluator(engine.device)
     was_training = engine.model.training
     engine.train(False)
-    for batch, (_, weight) in zip(make_loader(ds, [b for b, _ in plan], tokenizer), plan):
+    for batch, (_, weight) in zip(task.loader(ds, [b for b, _ in plan], EVAL_EPOCH), plan):
         batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
         outputs = engine.forward(**task.inputs(batch))
         if weight:  # fillers only keep ranks in step (sharded engines gather parameters in forward)

@@ -9,7 +9,8 @@ import torch
 from dist_train.config import DataConfig
 from dist_train.data.labels import LabelMap
 from dist_train.data.sources import read_table, require_columns
-from dist_train.data.tokenize import tokenize_table
+from dist_train.data import make_loader
+from dist_train.data.tokenize import model_view, tokenize_table
 from dist_train.engine import SingleEngine
 from dist_train.errors import UserError
 from dist_train.evaluate import evaluate
@@ -49,10 +50,16 @@ class LoadedModel:
         ds, _, ids = read_labelled(path, data_cfg, self.labels)
         ds = tokenize_table(ds, self.tokenizer, data_cfg.text_column, data_cfg.text_pair_column,
                             data_cfg.max_length, ids)
-        return evaluate(self.engine, self, ds, self.tokenizer, batch_size)
+        return evaluate(self.engine, self, ds, batch_size)
 
     # The task-side hooks evaluate() needs.
     inputs = staticmethod(ClassificationTask.inputs)
+    lengths = staticmethod(ClassificationTask.lengths)
+
+    def loader(self, ds, batches, epoch):
+        from transformers import DataCollatorWithPadding
+
+        return make_loader(model_view(ds), batches, DataCollatorWithPadding(self.tokenizer))
 
     def evaluator(self, device):
         return ClassificationEvaluator(self.labels, device)

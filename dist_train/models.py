@@ -48,20 +48,44 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, what: str = "mode
         raise UserError(f"{what}: cannot load a tokenizer from '{path}': {str(exc).splitlines()[0]}") from None
 
 
-def build_model(model_cfg, auto_class, **head_kwargs):
-    """Build ``auto_class`` (e.g. AutoModelForSequenceClassification) from a pretrained folder or a config."""
+def build_model(model_cfg, auto_class, tokenizer, max_length: int, **head_kwargs):
+    """Build ``auto_class`` (e.g. AutoModelForSequenceClassification) from a pretrained folder or a config.
+
+    From scratch, the vocabulary size and the pad/bos/eos ids come from the tokenizer unless the config
+    sets them.
+    """
     from transformers import AutoConfig
 
     if model_cfg.pretrained is not None:
         path = resolve_model_path(model_cfg.pretrained)
         try:
-            return auto_class.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code, **head_kwargs)
+            model = auto_class.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code, **head_kwargs)
         except (OSError, ValueError) as exc:
             raise UserError(f"model.pretrained: cannot load '{path}': {str(exc).splitlines()[0]}") from None
+        _check_fits(model.config, tokenizer, max_length, "model.pretrained")
+        return model
     kwargs = dict(model_cfg.config)
     model_type = kwargs.pop("model_type")
+    kwargs.setdefault("vocab_size", len(tokenizer))
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if getattr(tokenizer, name, None) is not None:
+            kwargs.setdefault(name, getattr(tokenizer, name))
     try:
         config = AutoConfig.for_model(model_type, **kwargs, **head_kwargs)
     except (ValueError, TypeError) as exc:
         raise UserError(f"model.config: {str(exc).splitlines()[0]}") from None
+    _check_fits(config, tokenizer, max_length, "model.config")
     return auto_class.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+
+
+def _check_fits(config, tokenizer, max_length: int, what: str) -> None:
+    """The tokenizer's ids and data.max_length positions must exist in the model (else an index error deep
+    inside the first forward pass)."""
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise UserError(f"{what}: the model has a vocabulary of {vocab} but the tokenizer has {len(tokenizer)} "
+                        "tokens; use the model's own tokenizer, or set vocab_size >= the tokenizer's size")
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is not None and max_length > positions:
+        raise UserError(f"data.max_length {max_length} exceeds the model's {positions} positions; lower "
+                        f"data.max_length or raise the model's max_position_embeddings / n_positions")

@@ -14,16 +14,14 @@ from tqdm import tqdm
 
 from dist_train.checkpoint import CheckpointManager, read_state
 from dist_train.config import Config, dump_yaml
-from dist_train.data import make_loader
 from dist_train.data.sampler import step_windows, train_plan
 from dist_train.engine import build_engine
 from dist_train.errors import UserError
 from dist_train.evaluate import evaluate
 from dist_train.export import export_model
 from dist_train.metrics import MetricsSink, peak_memory_mb, peak_tflops, summary_line
-from dist_train.models import load_tokenizer
 from dist_train.optim import build_optimizer, build_scheduler
-from dist_train.resume import check_config, check_data, check_engine, data_fingerprint, find_checkpoint, steps_left
+from dist_train.resume import check_config, check_data, check_engine, find_checkpoint, steps_left
 from dist_train.seeding import seed_everything
 from dist_train.stopping import StopSignals
 from dist_train.tasks import build_task
@@ -109,17 +107,19 @@ def train(cfg: Config) -> dict:
 
     # Data first: every data error surfaces before anything is written to output_dir.
     task = build_task(cfg)
-    if cfg.checkpoint.metric not in task.metrics:
-        raise UserError(f"checkpoint.metric '{cfg.checkpoint.metric}' is not a {task.name} metric; "
+    metric = cfg.checkpoint.metric or task.metrics[0]
+    if metric not in task.metrics:
+        raise UserError(f"checkpoint.metric '{metric}' is not a {task.name} metric; "
                         f"choose one of: {', '.join(task.metrics)}")
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained, cfg.model.trust_remote_code,
-                               what="model.tokenizer" if cfg.model.tokenizer else "model.pretrained")
-    # Rank 0 tokenizes into the cache while the others wait (bounded by engine.timeout_s), then they load it.
+    mode = cfg.checkpoint.mode or ("min" if metric in ("loss", "perplexity") else "max")
+    # Rank 0 trains the tokenizer and tokenizes into the cache while the others wait (bounded by
+    # engine.timeout_s), then they load both from the cache.
     if not engine.is_main:
         engine.barrier()
+    tokenizer = task.load_tokenizer()
     splits = task.prepare(tokenizer)
-    lengths = splits.train["length"]
-    fingerprint = data_fingerprint(lengths, splits.train["labels"] if "labels" in splits.train.column_names else None)
+    lengths = task.lengths(splits.train)
+    fingerprint = task.fingerprint(splits.train)
     if saved is not None:
         check_data(resume_from, saved["data"], fingerprint)
     if engine.is_main:
@@ -144,7 +144,7 @@ def train(cfg: Config) -> dict:
         export_model(engine.unwrapped, tokenizer, folder, task.labels, export_meta(cfg), weights=False)
 
     ckpt = CheckpointManager(out, cfg.checkpoint.keep_last_n, engine, describe)
-    better = (lambda a, b: a > b) if cfg.checkpoint.mode == "max" else (lambda a, b: a < b)
+    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     best, validated_at, seen = None, -1, 0.0
     # Running sums since the last log line, kept on device: no host sync on ordinary steps.
     zeros = lambda: torch.zeros(4, dtype=torch.float64, device=engine.device)  # noqa: E731
@@ -174,7 +174,7 @@ def train(cfg: Config) -> dict:
         """Everything besides engine and RNG that the run needs to continue from here (a collective)."""
         return {"step": step, "epoch": epoch, "batches_done": done, "examples_seen": seen,
                 "log_sums": engine.all_reduce_sum(acc).tolist(), "best_metric": best,
-                "best_step": ckpt.best_step, "validated_at": validated_at, "metric": cfg.checkpoint.metric,
+                "best_step": ckpt.best_step, "validated_at": validated_at, "metric": metric,
                 "world_size": engine.world_size, "window": window, "engine": engine.checkpoint_format,
                 "total_steps": total_steps, "data": fingerprint}
 
@@ -186,12 +186,12 @@ def train(cfg: Config) -> dict:
         if splits.validation is None:
             return
         validated_at = step
-        report = evaluate(engine, task, splits.validation, tokenizer, t.eval_batch_size)
+        report = evaluate(engine, task, splits.validation, t.eval_batch_size)
         reports["validation"] = report
         if sink:
             sink.write("validation", step, {"epoch": epoch + done / batches_per_epoch, **report})
             bar.write(summary_line(f"step {step} validation", report))
-        value = report[cfg.checkpoint.metric]
+        value = report[metric]
         if best is None or better(value, best):
             best = value
             ckpt.mark_best(step)
@@ -208,8 +208,8 @@ def train(cfg: Config) -> dict:
         plan = train_plan(lengths, t.micro_batch_size, t.seed, epoch, cfg.data.group_by_length)
         # Resume mid-epoch: start at the saved position of the plan (a slice, nothing is replayed).
         todo = step_windows(plan[done:], t.grad_accum, engine.rank, engine.world_size)[:total_steps - step]
-        batches = iter(make_loader(splits.train, [b for w in todo for b, _ in w], tokenizer,
-                                   cfg.data.num_workers, pin_memory=engine.device.type == "cuda", seed=t.seed))
+        batches = iter(task.loader(splits.train, [b for w in todo for b, _ in w], epoch, cfg.data.num_workers,
+                                   pin_memory=engine.device.type == "cuda"))
         for local in todo:
             micro = [{k: v.to(engine.device, non_blocking=True) for k, v in next(batches).items()}
                      for _ in local]
@@ -222,12 +222,13 @@ def train(cfg: Config) -> dict:
             counts = [task.count(b) * w for b, (_, w) in zip(micro, local)]
             # One all-reduce carries the global target count and whether any rank was asked to stop.
             n_global, stop_votes = engine.all_reduce_sum(torch.stack([sum(counts), counts[0].new_tensor(stop.flag)]))
+            n_global = n_global.clamp(min=1)  # a step without targets (e.g. nothing masked) adds zero, not NaN
             for i, (b, (_, w)) in enumerate(zip(micro, local)):
                 loss_sum = task.loss_sum(engine.forward(**task.inputs(b)), b) * w
                 engine.backward(loss_sum / n_global, sync=i == len(micro) - 1)
                 acc += torch.stack([loss_sum.detach().double(), counts[i],
                                     counts[i].new_tensor(len(b["input_ids"]) * w),
-                                    b["attention_mask"].sum().double() * w])
+                                    task.tokens(b).double() * w])
             grad_norm = engine.step()
             if started and engine.is_main:  # once per process: how long until training really runs
                 print(f"dist-train: first optimizer step done {time.perf_counter() - started:.2f} s after start",
@@ -292,13 +293,13 @@ def train(cfg: Config) -> dict:
         ckpt.load(ckpt.path(ckpt.best_step), weights_only=True)
         if engine.is_main:
             bar.write(f"loaded the best checkpoint (step {ckpt.best_step}, "
-                      f"{cfg.checkpoint.metric} {best:.4f}) for final/")
+                      f"{metric} {best:.4f}) for final/")
 
     state_dict = engine.full_state_dict()
     if engine.is_main:
         export_model(engine.unwrapped, tokenizer, out / "final", task.labels, export_meta(cfg), state_dict=state_dict)
     if splits.test is not None:
-        reports["test"] = evaluate(engine, task, splits.test, tokenizer, t.eval_batch_size)
+        reports["test"] = evaluate(engine, task, splits.test, t.eval_batch_size)
         if engine.is_main:
             (out / "eval_report.json").write_text(json.dumps(reports["test"], indent=2))
             sink.write("test", step, reports["test"])

@@ -8,12 +8,14 @@ import pandas as pd
 import pytest
 
 from conftest import SENTIMENT, head
+from transformers import DataCollatorWithPadding
+
 from dist_train.config import DataConfig
 from dist_train.data import make_loader
 from dist_train.data.labels import LabelMap
 from dist_train.data.sampler import eval_plan, train_plan
 from dist_train.data.sources import read_table
-from dist_train.data.tokenize import tokenize_table
+from dist_train.data.tokenize import model_view, tokenize_table
 from dist_train.errors import UserError
 from dist_train.models import load_tokenizer
 from dist_train.tasks.classification import read_labelled
@@ -147,7 +149,7 @@ def test_batches_pad_to_their_own_longest_not_the_dataset(tmp_path, tokenizer):
     ds = tokenize_table(ds, tokenizer, "sentence", None, 128, ids)
     lengths = ds["length"]
     batches = [b for b, _ in eval_plan(lengths, 8)]
-    widths = [b["input_ids"].shape[1] for b in make_loader(ds, batches, tokenizer)]
+    widths = [b["input_ids"].shape[1] for b in make_loader(model_view(ds), batches, DataCollatorWithPadding(tokenizer))]
     assert widths == [max(lengths[i] for i in b) for b in batches]
     assert min(widths) < max(lengths)
 

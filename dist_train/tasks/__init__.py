@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dist_train.tasks.classification import ClassificationTask
+from dist_train.tasks.language_modeling import CausalLMTask, MaskedLMTask
 
-TASKS = {ClassificationTask.name: ClassificationTask}
+TASKS = {task.name: task for task in (ClassificationTask, CausalLMTask, MaskedLMTask)}
 
 
 def build_task(cfg):

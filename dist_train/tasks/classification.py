@@ -1,28 +1,18 @@
-"""Sequence classification: one label per text (or text pair).
-
-A task supplies what the loop must not know: its data, its model head, its loss and its metrics.
-"""
+"""Sequence classification: one label per text (or text pair)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from dist_train.data.labels import LabelMap
+from dist_train.errors import UserError
 from dist_train.data.sources import check_texts, read_table, require_columns
-from dist_train.data.tokenize import tokenize_table
+from dist_train.data.tokenize import model_view, tokenize_table
 from dist_train.metrics import classification_report
 from dist_train.models import build_model
-
-
-@dataclass
-class Splits:
-    train: object
-    validation: object | None
-    test: object | None
-    labels: LabelMap
+from dist_train.resume import data_fingerprint
+from dist_train.tasks.base import Splits, Task
 
 
 def read_labelled(path: str, data_cfg, labels: LabelMap | None = None, names: list[str] | None = None):
@@ -41,18 +31,16 @@ def read_labelled(path: str, data_cfg, labels: LabelMap | None = None, names: li
     return ds, labels, labels.encode(raw, path)
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
     name = "classification"
-    metrics = ("loss", "accuracy", "f1_macro", "precision_macro", "recall_macro")
-    """Validation metrics that can pick the best checkpoint."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.labels: LabelMap | None = None
+    metrics = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "loss")
 
     # -- data ------------------------------------------------------------------------------------------
     def prepare(self, tokenizer) -> Splits:
+        self.tokenizer = tokenizer
         d = self.cfg.data
+        if not isinstance(d.train, str):
+            raise UserError("data.train: classification reads one training file; give one path, not a list")
 
         def tok(ds, ids):
             return tokenize_table(ds, tokenizer, d.text_column, d.text_pair_column, d.max_length, ids)
@@ -70,6 +58,24 @@ class ClassificationTask:
             test = tok(*read_labelled(d.test, d, labels)[::2])
         return Splits(train, validation, test, labels)
 
+    @staticmethod
+    def lengths(ds) -> list[int]:
+        return ds["length"]
+
+    @staticmethod
+    def fingerprint(ds) -> dict:
+        return data_fingerprint(ds["length"], ds["labels"])
+
+    @staticmethod
+    def view(ds):
+        return model_view(ds)
+
+    def collator(self, epoch: int):
+        # Pads each batch to its own longest row (batches are length-grouped, so little is padding).
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(self.tokenizer)
+
     # -- model -----------------------------------------------------------------------------------------
     @staticmethod
     def auto_model():
@@ -80,14 +86,11 @@ class ClassificationTask:
 
     def build_model(self):
         lm = self.labels
-        return build_model(self.cfg.model, self.auto_model(), num_labels=lm.num_labels,
+        return build_model(self.cfg.model, self.auto_model(), self.tokenizer, self.cfg.data.max_length,
+                           num_labels=lm.num_labels,
                            id2label=lm.id2label, label2id=lm.label2id)
 
     # -- loss and metrics ------------------------------------------------------------------------------
-    @staticmethod
-    def inputs(batch: dict) -> dict:
-        return {k: v for k, v in batch.items() if k != "labels"}
-
     @staticmethod
     def count(batch: dict) -> torch.Tensor:
         """How many loss targets the batch holds (examples here), as a float64 tensor on its device."""

@@ -1,0 +1,163 @@
+"""Language modelling on unlabeled text: causal LM (next token, GPT-style) and masked LM (BERT-style).
+
+The corpus is tokenized once into a flat stream on disk and cut into fixed-length blocks (no padding);
+a block is one "example" for the sampler, so batches, ranks, accumulation and resume work exactly as
+for classification. Loss and perplexity are over exact target-token counts summed over all ranks.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+from dist_train.data.collate import CausalLMCollator, MaskedLMCollator
+from dist_train.data.corpus import TokenBlocks, read_corpus, tokenize_corpus
+from dist_train.data.new_tokenizer import cached_tokenizer
+from dist_train.errors import UserError
+from dist_train.models import build_model
+from dist_train.tasks.base import Splits, SumEvaluator, Task
+
+
+def cache_root(cfg) -> str:
+    import datasets
+
+    return cfg.data.cache_dir or datasets.config.HF_DATASETS_CACHE
+
+
+class LanguageModelTask(Task):
+    metrics = ("loss", "perplexity")
+    separator = ""
+    """How documents are joined in the stream: ``eos`` token after each, or the tokenizer's ``special`` tokens."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._corpora: dict = {}
+
+    def corpus(self, spec, what: str):
+        key = str(spec)
+        if key not in self._corpora:
+            d = self.cfg.data
+            self._corpora[key] = read_corpus(spec, d.text_column, d.text_unit, d.cache_dir, what)
+        return self._corpora[key]
+
+    def load_tokenizer(self):
+        spec = self.cfg.model.train_tokenizer
+        if spec.kind is None:
+            return super().load_tokenizer()
+        return cached_tokenizer(spec, self.corpus(self.cfg.data.train, "data.train"), cache_root(self.cfg))
+
+    # -- data ------------------------------------------------------------------------------------------
+    def prepare(self, tokenizer) -> Splits:
+        self.tokenizer = tokenizer
+        d = self.cfg.data
+
+        def blocks(spec, what):
+            stream = tokenize_corpus(self.corpus(spec, what), tokenizer, self.separator, d.num_proc,
+                                     cache_root(self.cfg), what)
+            found = TokenBlocks(stream, d.max_length)
+            if len(found) == 0:
+                raise UserError(f"{what}: the corpus has {stream.num_tokens} tokens, fewer than one block of "
+                                f"data.max_length={d.max_length}; give more text or lower data.max_length")
+            return found
+
+        train = blocks(d.train, "data.train")
+        validation = test = None
+        if d.validation:
+            validation = blocks(d.validation, "data.validation")
+        elif d.validation_split > 0:
+            if len(train) < 2:
+                raise UserError(f"data.validation_split: data.train has only {len(train)} block of "
+                                f"{d.max_length} tokens; nothing to split")
+            train, validation = train.split(d.validation_split, d.split_seed)
+        if d.test:
+            test = blocks(d.test, "data.test")
+        return Splits(train, validation, test)
+
+    @staticmethod
+    def lengths(ds) -> list[int]:
+        return ds.lengths
+
+    @staticmethod
+    def fingerprint(ds) -> dict:
+        crc = zlib.crc32(ds.stream.fingerprint.encode())
+        return {"examples": len(ds), "crc32": zlib.crc32(ds.blocks.astype("int64").tobytes(), crc)}
+
+    @staticmethod
+    def view(ds):
+        return ds
+
+    # -- model -----------------------------------------------------------------------------------------
+    def build_model(self):
+        return build_model(self.cfg.model, self.auto_model(), self.tokenizer, self.cfg.data.max_length)
+
+    def evaluator(self, device):
+        return SumEvaluator(self, device)
+
+
+class CausalLMTask(LanguageModelTask):
+    name = "causal_lm"
+    separator = "eos"
+
+    @staticmethod
+    def auto_model():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
+    def collator(self, epoch: int):
+        return CausalLMCollator()
+
+    @staticmethod
+    def inputs(batch: dict) -> dict:
+        return {"input_ids": batch["input_ids"]}
+
+    @staticmethod
+    def count(batch: dict) -> torch.Tensor:
+        return Task.count_of(batch["labels"][:, 1:])
+
+    @staticmethod
+    def loss_sum(outputs, batch: dict) -> torch.Tensor:
+        """Summed next-token cross-entropy: position t predicts token t+1 (the last position has no target)."""
+        logits = outputs.logits
+        targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # shift the targets, not the logits (no copy)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100,
+                               reduction="sum")
+
+
+class MaskedLMTask(LanguageModelTask):
+    name = "masked_lm"
+    separator = "special"
+
+    def load_tokenizer(self):
+        tokenizer = super().load_tokenizer()
+        if tokenizer.mask_token_id is None:
+            raise UserError("task masked_lm: the tokenizer has no mask token; use a BERT-style tokenizer, or "
+                            "train one with model.train_tokenizer.kind=wordpiece")
+        return tokenizer
+
+    @staticmethod
+    def auto_model():
+        from transformers import AutoModelForMaskedLM
+
+        return AutoModelForMaskedLM
+
+    def collator(self, epoch: int):
+        t = self.cfg.task
+        return MaskedLMCollator(self.tokenizer, t.mlm_probability, t.whole_word_mask, self.cfg.train.seed, epoch)
+
+    @staticmethod
+    def inputs(batch: dict) -> dict:
+        return {"input_ids": batch["input_ids"]}
+
+    @staticmethod
+    def count(batch: dict) -> torch.Tensor:
+        return Task.count_of(batch["labels"])
+
+    @staticmethod
+    def loss_sum(outputs, batch: dict) -> torch.Tensor:
+        """Summed cross-entropy over the masked positions only (targets elsewhere are -100)."""
+        logits = outputs.logits
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1),
+                               ignore_index=-100, reduction="sum")
