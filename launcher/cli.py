@@ -1,4 +1,4 @@
-"""The ``dist-train`` command: train, launch, submit, eval, predict, export.
+"""The ``dist-train`` command: train, launch, submit, eval, predict, export, tokenizer.
 
 Mistakes in the input end as one line on stderr and exit status 2, never a traceback.
 """
@@ -126,6 +126,28 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_tokenizer(args) -> int:
+    import time
+    from pathlib import Path
+
+    from dist_train.data.corpus import read_corpus
+    from dist_train.data.new_tokenizer import train_tokenizer
+    from dist_train.errors import UserError
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"tokenizer: --out '{out}' exists and is not empty; choose a new folder")
+    if args.vocab_size < 300:
+        raise UserError(f"tokenizer: --vocab-size must be >= 300, got {args.vocab_size}")
+    start = time.perf_counter()
+    corpus = read_corpus(args.files, args.text_column, args.text_unit, what="FILES")
+    texts = (text for batch in corpus.iter(batch_size=1000) for text in batch["text"])
+    tok = train_tokenizer(texts, args.kind, args.vocab_size, out, args.min_frequency, args.lowercase)
+    print(f"trained a {args.kind} tokenizer of {len(tok)} tokens on {len(corpus)} documents in "
+          f"{time.perf_counter() - start:.1f} s; saved to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-train", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. output/sentiment/checkpoints/step-540")
     p.add_argument("out_dir", help="new folder for the model (safetensors, config with labels, tokenizer)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("tokenizer", help="train a tokenizer (byte-level BPE or WordPiece) on text files")
+    p.add_argument("files", nargs="+", help="text files, globs or folders; .jsonl/.tsv/.csv/.parquet read --text-column")
+    p.add_argument("--out", required=True, help="new folder for the tokenizer (Hugging Face format)")
+    p.add_argument("--kind", choices=["bpe", "wordpiece"], default="bpe",
+                   help="bpe: byte-level, GPT-2 style (causal LM); wordpiece: BERT style with [MASK] (masked LM)")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--lowercase", action="store_true")
+    p.add_argument("--text-column", default="text", help="text column of .jsonl/.tsv/.csv/.parquet files")
+    p.add_argument("--text-unit", choices=["line", "paragraph", "document"], default="line",
+                   help="what one document is in a plain-text file")
+    p.set_defaults(func=cmd_tokenizer)
     return parser
 
 

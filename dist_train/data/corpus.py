@@ -73,8 +73,11 @@ def read_corpus(spec: str | list[str], text_column: str, text_unit: str, cache_d
     for path in (f for f in files if _readable_kind(f) == "table"):
         ds = read_table(path, cache_dir)
         require_columns(ds, path, {"data.text_column": text_column})
-        parts.append(ds.select_columns([text_column]).rename_column(text_column, "text")
-                     if text_column != "text" else ds.select_columns(["text"]))
+        ds = ds.select_columns([text_column])
+        if text_column != "text":
+            ds = ds.rename_column(text_column, "text")
+        # The text reader's column type, so that text files and tables concatenate.
+        parts.append(ds.cast_column("text", datasets.Value("string")))
     corpus = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     return corpus
 
