@@ -122,13 +122,12 @@ def train(cfg: Config) -> dict:
     fingerprint = task.fingerprint(splits.train)
     if saved is not None:
         check_data(resume_from, saved["data"], fingerprint)
+    seed_everything(t.seed)
+    model = task.build_model()  # before output_dir is touched: a model that does not fit the data is an error
     if engine.is_main:
         engine.barrier()
         prepare_output_dir(out, cfg, saved["step"] if saved else None)
     engine.barrier()
-
-    seed_everything(t.seed)
-    model = task.build_model()
 
     # Position in the run: optimizer steps done, epoch, and batches of that epoch's plan consumed. One step
     # consumes a window of `grad_accum x world_size` consecutive plan batches.

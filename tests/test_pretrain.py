@@ -209,10 +209,10 @@ def train_losses(out) -> list[float]:
 
 @pytest.mark.parametrize("task", ["causal_lm", "masked_lm"])
 def test_language_model_loss_falls_and_exports_a_loadable_model(task, corpus_dir, tmp_path):
-    cfg = load_config(lm_config(tmp_path, corpus_dir, task))
+    cfg = load_config(lm_config(tmp_path, corpus_dir, task, train={"epochs": 2}))
     reports = train(cfg)
     losses = train_losses(tmp_path / "out")
-    assert losses[-1] < losses[0] - 1.0, losses
+    assert losses[-1] < losses[0] - 0.5, losses  # from ln(600) = 6.4, uniform over the vocabulary
     report = reports["validation"]
     assert report["perplexity"] == pytest.approx(math.exp(report["loss"]))
     assert report["perplexity"] < 600  # the vocabulary size: better than uniform guessing
@@ -288,7 +288,7 @@ def test_masked_lm_resume_is_exact(corpus_dir, tmp_path):
     assert max_diff(tmp_path / "full" / "final", tmp_path / "cut" / "final") == 0.0
 
 
-def test_language_model_config_errors_are_one_line(corpus_dir, tmp_path):
+def test_language_model_config_errors_are_one_line(corpus_dir, tokenizers, tmp_path):
     cfg = lm_config(tmp_path, corpus_dir, "masked_lm")
     assert_user_error(run_cli("train", cfg, "data.max_length=100"), "exceeds the model's 64 positions")
     assert_user_error(run_cli("train", cfg, f"data.train={tmp_path / 'none' / '*.txt'}"), "no file matches")
