@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SENTIMENT, assert_user_error, execute, head, run_cli, worker_cmd
+from conftest import ROOT, SENTIMENT, assert_user_error, execute, max_diff, run_cli, worker_cmd
 
 from dist_train.config import load_config
 from dist_train.data.collate import MaskedLMCollator, continuation_table
@@ -283,8 +282,6 @@ def test_masked_lm_resume_is_exact(corpus_dir, tmp_path):
     resumed = execute(worker_cmd(1, cfg, f"output_dir={tmp_path / 'cut'}", "checkpoint.resume=auto"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at step 4" in resumed.stdout
-    from conftest import max_diff
-
     assert max_diff(tmp_path / "full" / "final", tmp_path / "cut" / "final") == 0.0
 
 
@@ -298,3 +295,22 @@ def test_language_model_config_errors_are_one_line(corpus_dir, tokenizers, tmp_p
     assert_user_error(run_cli("train", cfg, f"data.train={tmp_path / 'tiny.txt'}", "model.train_tokenizer.kind=null",
                               f"model.tokenizer={corpus_dir / 'wp'}", "data.validation_split=0"),
                       "fewer than one block")
+
+
+def test_continued_pretraining_of_minilm_gets_a_fresh_mlm_head(tmp_path):
+    """configs/mlm_continue_minilm.yaml: the pretrained encoder is loaded, an MLM head is added, it trains."""
+    result = run_cli("train", ROOT / "configs" / "mlm_continue_minilm.yaml", f"output_dir={tmp_path / 'out'}",
+                     f"data.train={SENTIMENT / 'dev.tsv'}", "data.max_length=32", "train.max_steps=2",
+                     "train.micro_batch_size=4", "train.eval_every=0", "data.validation_split=0",
+                     f"data.cache_dir={tmp_path / 'cache'}", "logging.progress_bar=false", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    from dist_train.models import resolve_model_path
+
+    base = load_file(str(resolve_model_path("all-MiniLM-L6-v2") + "/model.safetensors"))
+    tuned = load_file(str(tmp_path / "out" / "final" / "model.safetensors"))
+    assert any(k.startswith("cls.predictions") for k in tuned)  # the new head
+    name = "embeddings.word_embeddings.weight"
+    moved = (tuned[f"bert.{name}"] - base[name]).abs().max().item()
+    assert 0 < moved < 0.05  # started from the pretrained weights and took two small steps
