@@ -97,3 +97,23 @@ class LoadedModel:
                 row = [" ".join(text.split()), label, f"{prob:.6f}"] + [f"{p:.6f}" for p in probs]
                 fh.write("\t".join(row) + "\n")
         return len(results)
+
+
+def evaluate_language_model(folder: str, data: str, meta: dict, text_column: str | None, max_length: int | None,
+                            batch_size: int, precision: str = "fp32") -> dict:
+    """Loss and perplexity of a causal or masked LM folder on text ``data``, in blocks as in training
+    (masked LM: the fixed evaluation masks)."""
+    from dist_train.config import load_config
+    from dist_train.tasks import build_task
+
+    cfg = load_config(None, [f"model.pretrained={folder}", f"data.train={data}", f"task.name={meta['task']}",
+                             f"data.text_column={text_column or meta.get('text_column', 'text')}",
+                             f"data.text_unit={meta.get('text_unit', 'line')}",
+                             f"data.max_length={max_length or meta.get('max_length', 128)}",
+                             f"task.mlm_probability={meta.get('mlm_probability', 0.15)}",
+                             f"task.whole_word_mask={str(meta.get('whole_word_mask', False)).lower()}"])
+    task = build_task(cfg)
+    blocks = task.prepare(task.load_tokenizer()).train
+    engine = SingleEngine(precision=precision)
+    engine.prepare(task.build_model(), None, None)
+    return evaluate(engine, task, blocks, batch_size)

@@ -313,4 +313,5 @@ def export_meta(cfg: Config) -> dict:
     """What dist-train's own eval/predict read back from an exported folder."""
     return {"task": cfg.task.name, "text_column": cfg.data.text_column,
             "text_pair_column": cfg.data.text_pair_column, "label_column": cfg.data.label_column,
-            "max_length": cfg.data.max_length}
+            "max_length": cfg.data.max_length, "text_unit": cfg.data.text_unit,
+            "mlm_probability": cfg.task.mlm_probability, "whole_word_mask": cfg.task.whole_word_mask}

@@ -86,11 +86,18 @@ def cmd_submit(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from dist_train.inference import LoadedModel
+    from dist_train.export import read_meta
+    from dist_train.inference import LoadedModel, evaluate_language_model
+    from dist_train.models import resolve_model_path
 
-    model = LoadedModel(args.model_dir, args.precision)
-    data_cfg = model.data_config(args.text_column, args.text_pair_column, args.label_column, args.max_length)
-    report = model.evaluate(args.data, data_cfg, args.batch_size)
+    meta = read_meta(resolve_model_path(args.model_dir, "MODEL_DIR"))
+    if meta.get("task") in ("causal_lm", "masked_lm"):
+        report = evaluate_language_model(args.model_dir, args.data, meta, args.text_column, args.max_length,
+                                         args.batch_size, args.precision)
+    else:
+        model = LoadedModel(args.model_dir, args.precision)
+        data_cfg = model.data_config(args.text_column, args.text_pair_column, args.label_column, args.max_length)
+        report = model.evaluate(args.data, data_cfg, args.batch_size)
     text = json.dumps(report, indent=2)
     if args.output:
         with open(args.output, "w") as fh:
@@ -197,9 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
 
-    p = sub.add_parser("eval", help="evaluate a model folder on a labelled file")
+    p = sub.add_parser("eval", help="evaluate a model folder on a labelled file (language models: perplexity on text)")
     model_args(p)
-    p.add_argument("--data", required=True, help="labelled .tsv/.csv/.jsonl/.parquet file")
+    p.add_argument("--data", required=True, help="labelled .tsv/.csv/.jsonl/.parquet file; for a language model, "
+                                                 "text as in data.train (files, globs, folders)")
     p.add_argument("--label-column", help="label column (default: the one the model was trained on)")
     p.add_argument("--output", help="also write the report (JSON) here")
     p.set_defaults(func=cmd_eval)

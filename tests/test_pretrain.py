@@ -157,13 +157,16 @@ def test_masking_selects_15_percent_80_10_10_and_never_special_tokens(tokenizers
     assert abs(as_mask - 0.8) < 0.02 and abs(kept - 0.1 - 0.1 / len(wp)) < 0.02, (as_mask, kept)
 
 
-def test_masks_depend_on_the_batch_and_epoch_only(tokenizers):
+def test_masks_depend_on_the_block_and_epoch_only(tokenizers):
     wp = tokenizers["wordpiece"]
     _, items, collate = masked(wp, n_blocks=8, seed=3)
     first = collate(items)
     assert torch.equal(first["labels"], collate(items)["labels"])  # no hidden process-wide RNG
     torch.manual_seed(123)
     assert torch.equal(first["labels"], collate(items)["labels"])
+    # Another batching of the same blocks: the same masks block by block.
+    regrouped = torch.cat([collate(items[5:])["labels"], collate(items[:5])["labels"]])
+    assert torch.equal(regrouped, torch.cat([first["labels"][5:], first["labels"][:5]]))
     other_epoch = MaskedLMCollator(wp, seed=3, epoch=1)(items)
     assert not torch.equal(first["labels"], other_epoch["labels"])
 
@@ -208,7 +211,8 @@ def train_losses(out) -> list[float]:
 
 @pytest.mark.parametrize("task", ["causal_lm", "masked_lm"])
 def test_language_model_loss_falls_and_exports_a_loadable_model(task, corpus_dir, tmp_path):
-    cfg = load_config(lm_config(tmp_path, corpus_dir, task, train={"epochs": 2}))
+    cfg = load_config(lm_config(tmp_path, corpus_dir, task, train={"epochs": 2},
+                                data={"test": str(corpus_dir / "b.txt")}))
     reports = train(cfg)
     losses = train_losses(tmp_path / "out")
     assert losses[-1] < losses[0] - 0.5, losses  # from ln(600) = 6.4, uniform over the vocabulary
@@ -221,6 +225,12 @@ def test_language_model_loss_falls_and_exports_a_loadable_model(task, corpus_dir
     model = auto.from_pretrained(tmp_path / "out" / "final")
     tok = AutoTokenizer.from_pretrained(tmp_path / "out" / "final")
     assert model.config.vocab_size == len(tok) == 600
+    # `dist-train eval` on the exported folder reproduces the run's test report (same blocks, same masks).
+    result = run_cli("eval", tmp_path / "out" / "final", "--data", corpus_dir / "b.txt")
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads(result.stdout)
+    assert again["n"] == reports["test"]["n"] and again["perplexity"] == pytest.approx(reports["test"]["perplexity"],
+                                                                                        rel=1e-5)
 
 
 def test_sparse_mlm_logits_give_the_same_loss_and_gradients(tokenizers):
@@ -272,7 +282,7 @@ def test_perplexity_over_exact_token_counts_agrees_at_world_1_and_2(task, corpus
 
 
 def test_masked_lm_resume_is_exact(corpus_dir, tmp_path):
-    """Masks come from (seed, epoch, batch): a resumed run draws the same ones as an uninterrupted run."""
+    """Masks come from (seed, epoch, block): a resumed run draws the same ones as an uninterrupted run."""
     cfg = lm_config(tmp_path, corpus_dir, "masked_lm", train={"epochs": 1, "max_steps": 8},
                     checkpoint={"every_steps": 4, "keep_last_n": 3})
     full = execute(worker_cmd(1, cfg, f"output_dir={tmp_path / 'full'}"))

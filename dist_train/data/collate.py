@@ -3,8 +3,8 @@
 Masking for masked LM is written here rather than taken from transformers' DataCollatorForLanguageModeling
 for two reasons: its random stream belongs to the process (so a batch's masks would depend on the worker,
 the world size and whether the run was resumed), and its whole-word masking needs character offsets that
-packed blocks do not have. Here each batch draws from a generator seeded by (seed, epoch, its first
-block): the same batch gets the same masks on any rank, in any worker, before and after a resume.
+packed blocks do not have. Here each block draws from a generator seeded by (seed, epoch, block): a
+block gets the same masks in any batch, on any rank, in any worker, before and after a resume.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 EVAL_EPOCH = 2**31 - 1  # the "epoch" of evaluation batches: fixed masks, so validation losses compare
 
 
-def batch_generator(seed: int, epoch: int, items: list[dict]) -> torch.Generator:
-    entropy = [seed, epoch, items[0]["index"], len(items)]
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1))
+def block_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state >> 1))
 
 
 class CausalLMCollator:
@@ -46,8 +46,10 @@ class MaskedLMCollator:
         self.continues = continuation_table(tokenizer) if whole_word else None
 
     def __call__(self, items: list[dict]) -> dict:
-        g = batch_generator(self.seed, self.epoch, items)
         ids = torch.stack([it["input_ids"] for it in items])
+        # Three draws per position (select, how to replace, which random token), from each block's own generator.
+        draws = [self.draws(it["index"], ids.shape[1]) for it in items]
+        pick, roll, random_ids = (torch.stack(d) for d in zip(*draws))
         special = self.special[ids]
         if self.whole_word:
             # A word = a word-start token and the continuation tokens after it. Draw once per word start
@@ -55,17 +57,20 @@ class MaskedLMCollator:
             # (A block may begin inside a word: those tokens are word 0, which has no start and is never chosen.)
             start = ~self.continues[ids]
             word = torch.cumsum(start, dim=1)
-            draw = (torch.rand(ids.shape, generator=g) < self.probability) & start
+            draw = (pick < self.probability) & start
             chosen = torch.zeros(ids.shape[0], ids.shape[1] + 1, dtype=torch.long).scatter_add_(1, word, draw.long())
             selected = (torch.gather(chosen, 1, word) > 0) & ~special
         else:
-            selected = (torch.rand(ids.shape, generator=g) < self.probability) & ~special
+            selected = (pick < self.probability) & ~special
         labels = torch.where(selected, ids, torch.full_like(ids, -100))
-        roll = torch.rand(ids.shape, generator=g)
-        random_ids = torch.randint(self.vocab, ids.shape, generator=g)
         inputs = torch.where(selected & (roll < 0.8), torch.full_like(ids, self.mask_id), ids)
         inputs = torch.where(selected & (roll >= 0.8) & (roll < 0.9), random_ids, inputs)
         return {"input_ids": inputs, "labels": labels}
+
+    def draws(self, index: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = block_generator(self.seed, self.epoch, index)
+        return (torch.rand(length, generator=g), torch.rand(length, generator=g),
+                torch.randint(self.vocab, (length,), generator=g))
 
 
 def continuation_table(tokenizer) -> torch.Tensor:
