@@ -79,16 +79,16 @@ def pretrain(a) -> dict:
     pre_out = work / "pretrain"
     every = a.steps // a.points
     model_cfg = [f"model.config.{k}={v}" for k, v in SMALL_BERT.items()]
-    train_text = ["data/corpus/austen.txt"] + ["data/sentiment/train.tsv"] * a.in_domain_copies
+    train_text = (["data/corpus/austen.txt"] if a.austen else []) + ["data/sentiment/train.tsv"] * a.in_domain_copies
     started = time.perf_counter()
     run(["configs/mlm_pretrain.yaml", f"output_dir={pre_out}", "overwrite=true", *model_cfg,
          f"data.train=[{','.join(train_text)}]", "data.text_column=sentence",
          f"model.train_tokenizer.vocab_size={a.vocab}", f"train.max_steps={a.steps}", f"train.lr={a.pretrain_lr}",
+         f"data.max_length={a.block}", f"task.whole_word_mask={str(a.whole_word).lower()}",
          f"train.micro_batch_size={a.pretrain_batch}", f"train.eval_every={every}", f"checkpoint.every_steps={every}",
          f"checkpoint.keep_last_n={a.points + 1}", "checkpoint.every_epoch=false", "checkpoint.load_best_at_end=false",
          "logging.progress_bar=false", "logging.every_steps=50"], work / "logs" / "pretrain.log")
     pretrain_s = time.perf_counter() - started
-    block = 128
     points = []
     for step in range(every, a.steps + 1, every):
         ckpt = pre_out / "checkpoints" / f"step-{step}"
@@ -97,7 +97,7 @@ def pretrain(a) -> dict:
         subprocess.run([sys.executable, "-m", "dist_train", "export", str(ckpt), str(dest)], cwd=ROOT, check=True,
                        capture_output=True)
         state = json.loads((ckpt / "trainer_state.json").read_text())
-        tokens = state["step"] * a.pretrain_batch * state["window"] * block  # blocks are full: no padding
+        tokens = state["step"] * a.pretrain_batch * state["window"] * a.block  # blocks are full: no padding
         points.append({"step": step, "tokens": tokens, "model": dest})
     validation = [json.loads(line) for line in (pre_out / "metrics.jsonl").read_text().splitlines()]
     val_loss = {r["step"]: r["loss"] for r in validation if r["split"] == "validation"}
@@ -136,6 +136,10 @@ def main() -> None:
     b.add_argument("--pretrain-lr", type=float, default=1e-3)
     b.add_argument("--vocab", type=int, default=8000)
     b.add_argument("--in-domain-copies", type=int, default=1, help="times the sentiment sentences enter the corpus")
+    b.add_argument("--no-austen", dest="austen", action="store_false", help="pretrain on the sentiment sentences only")
+    b.add_argument("--block", type=int, default=128, help="pretraining block length (tokens)")
+    b.add_argument("--whole-word", action="store_true", help="whole-word masking")
+    b.add_argument("--tag", default="", help="suffix of the work folder and results file (several settings)")
     b.add_argument("--epochs", type=float, default=4.0)
     b.add_argument("--lr", type=float, default=3e-4)
     for q in (m, b):
@@ -143,9 +147,10 @@ def main() -> None:
         q.add_argument("--work", default=str(ROOT / "output" / "transfer"))
         q.add_argument("--out", help="results JSON (default bench/results/transfer_EXPERIMENT.json)")
     a = p.parse_args()
-    a.work = str(Path(a.work) / a.experiment)
+    name = a.experiment + (f"_{a.tag}" if getattr(a, "tag", "") else "")
+    a.work = str(Path(a.work) / name)
     result = minilm(a) if a.experiment == "minilm" else pretrain(a)
-    out = Path(a.out or ROOT / "bench" / "results" / f"transfer_{a.experiment}.json")
+    out = Path(a.out or ROOT / "bench" / "results" / f"transfer_{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {out}")

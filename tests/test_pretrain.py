@@ -263,17 +263,21 @@ def test_sparse_mlm_logits_give_the_same_loss_and_gradients(tokenizers):
 
 @pytest.mark.parametrize("task", ["causal_lm", "masked_lm"])
 def test_perplexity_over_exact_token_counts_agrees_at_world_1_and_2(task, corpus_dir, tmp_path):
-    """Same global batch either way (world 1 x accumulation 2 = world 2 x 1): same model, same validation."""
+    """Same global batch either way (world 1 x accumulation 2 = world 2 x 1): same model, same validation
+    perplexity, from exact token counts summed over ranks."""
     cfg = lm_config(tmp_path, corpus_dir, task, train={"epochs": 1, "max_steps": 6},
                     model={"config": {**(TINY_GPT2 if task == "causal_lm" else TINY_MLM),
                                       **({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
                                          if task == "causal_lm" else
                                          {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})}})
+    # World 2 runs DDP for causal LM and DeepSpeed ZeRO-3 for masked LM (its vocabulary projection, which
+    # sees only the masked rows, is then a partitioned parameter).
+    engine = ["engine.kind=ddp"] if task == "causal_lm" else ["engine.kind=deepspeed", "engine.zero_stage=3"]
     reports = {}
     for nproc, accum in ((1, 2), (2, 1)):
         out = tmp_path / f"w{nproc}"
         result = execute(worker_cmd(nproc, cfg, f"output_dir={out}", f"train.grad_accum={accum}",
-                                    "checkpoint.every_epoch=false"))
+                                    "checkpoint.every_epoch=false", *(engine if nproc == 2 else [])))
         assert result.returncode == 0, result.stderr[-3000:]
         reports[nproc] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                           if json.loads(line)["split"] == "validation"][-1]
