@@ -81,14 +81,15 @@ def pretrain(a) -> dict:
     model_cfg = [f"model.config.{k}={v}" for k, v in SMALL_BERT.items()]
     train_text = (["data/corpus/austen.txt"] if a.austen else []) + ["data/sentiment/train.tsv"] * a.in_domain_copies
     started = time.perf_counter()
-    run(["configs/mlm_pretrain.yaml", f"output_dir={pre_out}", "overwrite=true", *model_cfg,
-         f"data.train=[{','.join(train_text)}]", "data.text_column=sentence",
-         f"model.train_tokenizer.vocab_size={a.vocab}", f"train.max_steps={a.steps}", f"train.lr={a.pretrain_lr}",
-         f"data.max_length={a.block}", f"task.whole_word_mask={str(a.whole_word).lower()}",
-         f"train.micro_batch_size={a.pretrain_batch}", f"train.eval_every={every}", f"checkpoint.every_steps={every}",
-         f"checkpoint.keep_last_n={a.points + 1}", "checkpoint.every_epoch=false", "checkpoint.load_best_at_end=false",
-         "logging.progress_bar=false", "logging.every_steps=50"], work / "logs" / "pretrain.log")
-    pretrain_s = time.perf_counter() - started
+    if not a.finetune_only:
+        run(["configs/mlm_pretrain.yaml", f"output_dir={pre_out}", "overwrite=true", *model_cfg,
+             f"data.train=[{','.join(train_text)}]", "data.text_column=sentence",
+             f"model.train_tokenizer.vocab_size={a.vocab}", f"train.max_steps={a.steps}", f"train.lr={a.pretrain_lr}",
+             f"data.max_length={a.block}", f"task.whole_word_mask={str(a.whole_word).lower()}",
+             f"train.micro_batch_size={a.pretrain_batch}", f"train.eval_every={every}", f"checkpoint.every_steps={every}",
+             f"checkpoint.keep_last_n={a.points + 1}", "checkpoint.every_epoch=false", "checkpoint.load_best_at_end=false",
+             "logging.progress_bar=false", "logging.every_steps=50"], work / "logs" / "pretrain.log")
+    pretrain_s = time.perf_counter() - started  # (--finetune-only: the checkpoints of an earlier run)
     points = []
     for step in range(every, a.steps + 1, every):
         ckpt = pre_out / "checkpoints" / f"step-{step}"
@@ -119,7 +120,7 @@ def pretrain(a) -> dict:
         loss = row.get("mlm_validation_loss")
         print(f"{name:<12} {row['tokens']:>15,} {loss if loss is None else round(loss, 3)!s:>12} "
               f"{row['mean']:>15.4f} {row['gain_points']:>+13.1f}")
-    return {"experiment": "pretrain", "pretrain_minutes": pretrain_s / 60, "settings": vars(a) | {"model": SMALL_BERT},
+    return {"experiment": "pretrain", "pretrain_minutes": None if a.finetune_only else pretrain_s / 60, "settings": vars(a) | {"model": SMALL_BERT},
             "table": table}
 
 
@@ -139,6 +140,8 @@ def main() -> None:
     b.add_argument("--no-austen", dest="austen", action="store_false", help="pretrain on the sentiment sentences only")
     b.add_argument("--block", type=int, default=128, help="pretraining block length (tokens)")
     b.add_argument("--whole-word", action="store_true", help="whole-word masking")
+    b.add_argument("--finetune-only", action="store_true",
+                   help="reuse the pretraining checkpoints already in the work folder; fine-tune only")
     b.add_argument("--tag", default="", help="suffix of the work folder and results file (several settings)")
     b.add_argument("--epochs", type=float, default=4.0)
     b.add_argument("--lr", type=float, default=3e-4)
