@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import signal
 import types
 import typing
@@ -232,7 +233,7 @@ def _coerce(value: Any, tp: Any) -> Any:
     """Return ``value`` as type ``tp`` or raise _Mismatch. Only lossless coercions are made."""
     origin = typing.get_origin(tp)
     if tp is Any:
-        return value
+        return _yaml11_numbers(value)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -257,7 +258,7 @@ def _coerce(value: Any, tp: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise _Mismatch
-        return dict(value)
+        return {k: _yaml11_numbers(v) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -281,6 +282,21 @@ def _coerce(value: Any, tp: Any) -> Any:
             return value
         raise _Mismatch
     raise TypeError(f"unsupported config type {tp!r}")
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml11_numbers(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-12`` (no dot) as a string; in free-form values (model.config, engine.deepspeed)
+    such a string is the number it plainly is."""
+    if isinstance(value, str) and _EXPONENT.fullmatch(value):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _yaml11_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml11_numbers(v) for v in value]
+    return value
 
 
 def _suggest(key: str, valid: list[str]) -> str:

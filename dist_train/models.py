@@ -72,8 +72,8 @@ def build_model(model_cfg, auto_class, tokenizer, max_length: int, **head_kwargs
             kwargs.setdefault(name, getattr(tokenizer, name))
     try:
         config = AutoConfig.for_model(model_type, **kwargs, **head_kwargs)
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"model.config: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - transformers' config validation raises several types
+        raise UserError(f"model.config: {' '.join(str(exc).split())}") from None
     _check_fits(config, tokenizer, max_length, "model.config")
     return auto_class.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
 

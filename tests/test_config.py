@@ -31,6 +31,23 @@ def test_overrides_are_typed_and_win_over_the_file():
     assert cfg.task.label_names == ["neg", "pos"]
 
 
+def test_exponent_numbers_in_free_form_sections_are_numbers(tmp_path):
+    """model.config and engine.deepspeed are passed through; YAML 1.1 would hand them '1e-12' as a string."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {config: {model_type: bert, layer_norm_eps: 1e-12}, tokenizer: t}\ndata: {train: x}\n")
+    cfg = load_config(path, ["model.config.initializer_range=2e-2", "model.config.name=1e5x"])
+    assert cfg.model.config == {"model_type": "bert", "layer_norm_eps": 1e-12, "initializer_range": 0.02,
+                                "name": "1e5x"}
+
+
+def test_a_model_config_that_transformers_rejects_is_one_line(tmp_path):
+    result = run_cli("train", SENTIMENT_YAML, "model.pretrained=null", "model.tokenizer=all-MiniLM-L6-v2",
+                     "model.config.model_type=bert", "model.config.layer_norm_eps=[1]",
+                     f"output_dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}")
+    assert_user_error(result, "model.config:", "layer_norm_eps")
+    assert not (tmp_path / "out").exists()
+
+
 def test_int_is_accepted_where_float_is_declared():
     assert load_config(SENTIMENT_YAML, ["train.epochs=2"]).train.epochs == 2.0
 
