@@ -33,3 +33,15 @@ def test_pretrain_overhead_bench_runs_on_a_tiny_setting(tmp_path):
     assert len(data["tokens_per_s"]["dist_train"]) == len(data["tokens_per_s"]["bare"]) == 1
     assert data["ratio_dist_train_over_bare"] > 0
     assert "ratio dist-train/bare" in result.stdout
+
+
+def test_one_entry_point_lists_and_runs_the_benchmarks():
+    listing = subprocess.run([sys.executable, "-m", "bench"], cwd=ROOT, capture_output=True, text=True)
+    assert listing.returncode == 0
+    for name in ("pretrain_overhead", "resume", "transfer", "zero_memory"):
+        assert name in listing.stdout
+    helped = subprocess.run([sys.executable, "-m", "bench", "transfer", "pretrain", "--help"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert helped.returncode == 0 and "--in-domain-copies" in helped.stdout
+    unknown = subprocess.run([sys.executable, "-m", "bench", "nope"], cwd=ROOT, capture_output=True, text=True)
+    assert unknown.returncode == 2 and "unknown benchmark 'nope'" in unknown.stderr
