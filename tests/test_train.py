@@ -184,6 +184,6 @@ def test_bad_data_stops_before_writing_anything(tmp_path, sentiment_slice):
 
 def test_unknown_checkpoint_metric_fails_before_training(tmp_path, sentiment_slice):
     cfg = tiny_config(tmp_path, {"train": sentiment_slice["train"]}, checkpoint={"metric": "acc"})
-    with pytest.raises(UserError, match="checkpoint.metric 'acc' is not a classification metric; choose one of: loss, accuracy"):
+    with pytest.raises(UserError, match="checkpoint.metric 'acc' is not a classification metric; choose one of: accuracy, f1_macro"):
         run(cfg)
     assert not (tmp_path / "out").exists()
