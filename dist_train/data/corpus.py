@@ -10,6 +10,7 @@ memory is never held in memory, and a block of the stream is read only by the ra
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 from pathlib import Path
@@ -56,7 +57,8 @@ def _readable_kind(path: str) -> str | None:
 
 def read_corpus(spec: str | list[str], text_column: str, text_unit: str, cache_dir: str | None = None,
                 what: str = "data.train"):
-    """All documents of ``spec`` as a ``datasets.Dataset`` with one column, ``text`` (empty ones dropped)."""
+    """All documents of ``spec`` as a ``datasets.Dataset`` with one column, ``text``: the plain-text files
+    first (in the order given), then the tables. Empty documents are dropped when tokenizing."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -137,7 +139,7 @@ def tokenize_corpus(corpus, tokenizer, separator: str, num_proc: int | None, cac
         total = 0
         with open(tmp, "wb") as fh:
             for batch in tokenized.iter(batch_size=10_000):
-                flat = np.fromiter((t for row in batch["input_ids"] for t in row), dtype=dtype)
+                flat = np.fromiter(itertools.chain.from_iterable(batch["input_ids"]), dtype=dtype)
                 fh.write(flat.tobytes())
                 total += flat.size
         tmp.replace(path)
