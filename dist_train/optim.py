@@ -25,8 +25,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, train_cfg) -> torch.optim.Optimizer:
+    # fused=None leaves the choice to torch (foreach on CUDA, a per-parameter loop on CPU).
     return torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr,
-                             betas=tuple(train_cfg.adam_betas), eps=train_cfg.adam_eps)
+                             betas=tuple(train_cfg.adam_betas), eps=train_cfg.adam_eps,
+                             fused=True if train_cfg.fused_optimizer else None)
 
 
 def warmup_steps(train_cfg, total_steps: int) -> int:
