@@ -57,6 +57,8 @@ def prepare(a) -> None:
     if a.examples > len(lines) - 1:
         sys.exit(f"--examples {a.examples}: train.tsv has {len(lines) - 1} rows")
     (work / "train.tsv").write_text("".join(lines[: a.examples + 1]))
+    dev = (ROOT / "data" / "sentiment" / "dev.tsv").read_text().splitlines(keepends=True)
+    (work / "dev.tsv").write_text("".join(dev[: a.dev + 1]))
     if a.tiny and not (work / "model" / "config.json").exists():
         import torch
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -69,6 +71,15 @@ def prepare(a) -> None:
         tokenizer.save_pretrained(work / "model")
 
 
+def real_tokens(a) -> int:
+    """Tokens in the train slice without padding (what every arm must process at least)."""
+    from transformers import AutoTokenizer
+
+    texts, _ = read_tsv(Path(a.work) / "train.tsv")
+    enc = AutoTokenizer.from_pretrained(model_folder(a))(texts, truncation=True, max_length=HP["max_length"])
+    return sum(map(len, enc["input_ids"]))
+
+
 def minilm_path() -> str:
     sys.path.insert(0, str(ROOT))
     from dist_train.models import resolve_model_path
@@ -78,7 +89,8 @@ def minilm_path() -> str:
 
 def run_arm(a, arm: str) -> dict:
     cmd = [sys.executable, __file__, "--arm", arm, *(f"--{k}={v}" for k, v in (
-        ("work", a.work), ("precision", a.precision), ("warmup", a.warmup), ("examples", a.examples)))]
+        ("work", a.work), ("precision", a.precision), ("warmup", a.warmup), ("examples", a.examples),
+        ("dev", a.dev)))]
     cmd += ["--tiny"] if a.tiny else []
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(ROOT)}
@@ -92,6 +104,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--examples", type=int, default=1600, help="training rows (one epoch)")
+    p.add_argument("--dev", type=int, default=1000, help="dev.tsv rows for the accuracy check (default all)")
     p.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps at the start of each run")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -116,6 +129,7 @@ def main() -> None:
             x = runs[arm][-1]
             print(f"round {r + 1} {arm:<16} {x['examples_per_s']:7.1f} examples/s   dev accuracy "
                   f"{x['dev_accuracy']:.4f}", flush=True)
+    real = real_tokens(a)
     median = {arm: statistics.median(x["examples_per_s"] for x in rs) for arm, rs in runs.items()}
     ratios = {f"dist_train/{arm}": median["dist_train"] / median[arm] for arm in arms
               if arm != "dist_train" and "dist_train" in median}
@@ -124,7 +138,7 @@ def main() -> None:
 
     result = {"model": "tiny" if a.tiny else "all-MiniLM-L6-v2", "examples": a.examples, "precision": a.precision,
               "threads": a.threads, "warmup_steps": a.warmup, "rounds": a.rounds, "hyperparameters": HP,
-              "runs": runs, "median_examples_per_s": median, "ratios": ratios,
+              "real_tokens": real, "runs": runs, "median_examples_per_s": median, "ratios": ratios,
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
               "command": " ".join(["python -m bench finetune_vs_hf", *sys.argv[1:]])}
     out = Path(a.out or ROOT / "bench" / "results" / f"finetune_vs_hf{'_bf16' if a.precision == 'bf16' else ''}.json")
@@ -132,6 +146,9 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print("median examples/s: " + ", ".join(f"{arm} {v:.1f}" for arm, v in median.items()))
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    fed = {arm: rs[0]["input_tokens"] / real for arm, rs in runs.items() if "input_tokens" in rs[0]}
+    print(f"token positions fed per real token ({real:,} real): " + ", ".join(f"{k} {v:.2f}" for k, v in fed.items())
+          + ("; dist_train feeds bare's batches" if "dist_train" in runs else ""))
 
 
 # -- the arms (each in its own process) -------------------------------------------------------------------
@@ -162,7 +179,7 @@ def dist_train_arm(a) -> dict:
     cfg = yaml.safe_load((ROOT / "configs" / "sentiment.yaml").read_text())
     model = {"pretrained": model_folder(a)}
     cfg.update(output_dir=str(work / "run"), overwrite=True, model=model)
-    cfg["data"].update(train=str(Path(a.work) / "train.tsv"), validation=str(ROOT / "data/sentiment/dev.tsv"),
+    cfg["data"].update(train=str(Path(a.work) / "train.tsv"), validation=str(Path(a.work) / "dev.tsv"),
                        test=None, max_length=HP["max_length"], cache_dir=str(work / "cache"))
     cfg["train"].update(epochs=1, micro_batch_size=HP["batch"], lr=HP["lr"], weight_decay=HP["weight_decay"],
                         warmup_ratio=HP["warmup_ratio"], max_grad_norm=HP["max_grad_norm"], seed=HP["seed"],
@@ -200,7 +217,7 @@ def trainer_arm(a, grouped: bool) -> dict:
         return ds.map(lambda b: tokenizer(b["sentence"], truncation=True, max_length=HP["max_length"]),
                       batched=True, remove_columns=["sentence"])
 
-    train_ds, dev_ds = dataset(Path(a.work) / "train.tsv"), dataset(ROOT / "data/sentiment/dev.tsv")
+    train_ds, dev_ds = dataset(Path(a.work) / "train.tsv"), dataset(Path(a.work) / "dev.tsv")
     torch.manual_seed(HP["seed"])
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     steps = len(step_sizes(a))
@@ -213,17 +230,26 @@ def trainer_arm(a, grouped: bool) -> dict:
         use_cpu=not torch.cuda.is_available(), logging_steps=10**6, save_strategy="no", eval_strategy="no",
         report_to=[], disable_tqdm=True, dataloader_num_workers=0, **strategy)
     ends: list[float] = []
+    pad, fed = DataCollatorWithPadding(tokenizer), [0, 0]
 
     class Clock(TrainerCallback):
         def on_step_end(self, *_, **__):
             ends.append(time.perf_counter())
 
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=DataCollatorWithPadding(tokenizer),
-                      callbacks=[Clock()])
+        def on_train_end(self, *_, **__):
+            fed[1] = fed[0]  # what training fed (evaluation collates through the same function)
+
+    def collate(features):  # Trainer's own collator, counting the token positions it feeds the model
+        batch = pad(features)
+        fed[0] += batch["input_ids"].numel()
+        return batch
+
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collate, callbacks=[Clock()])
     trainer.train()
     pred = trainer.predict(dev_ds)
     accuracy = float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())
-    return {"examples_per_s": throughput(a, ends), "dev_accuracy": accuracy, "steps": len(ends)}
+    return {"examples_per_s": throughput(a, ends), "dev_accuracy": accuracy, "steps": len(ends),
+            "input_tokens": fed[1]}
 
 
 def seed_arm(a) -> dict:
@@ -238,7 +264,7 @@ def seed_arm(a) -> dict:
         enc = tokenizer(texts, padding=True, truncation=True, max_length=HP["max_length"], return_tensors="pt")
         return torch.utils.data.TensorDataset(enc["input_ids"], enc["attention_mask"], torch.tensor(labels))
 
-    train_set, dev_set = tensors(Path(a.work) / "train.tsv"), tensors(ROOT / "data/sentiment/dev.tsv")
+    train_set, dev_set = tensors(Path(a.work) / "train.tsv"), tensors(Path(a.work) / "dev.tsv")
     loader = torch.utils.data.DataLoader(train_set, batch_size=HP["batch"], shuffle=True)
     dev = torch.utils.data.DataLoader(dev_set, batch_size=HP["eval_batch"])
     # A plain loop's optimizer: torch's default AdamW (a per-parameter loop on CPU).
@@ -264,7 +290,7 @@ def bare_arm(a) -> dict:
         return out
 
     train = batches(Path(a.work) / "train.tsv", lambda lens: train_plan(lens, HP["batch"], HP["seed"], 0, True))
-    dev = batches(ROOT / "data/sentiment/dev.tsv", lambda lens: [
+    dev = batches(Path(a.work) / "dev.tsv", lambda lens: [
         list(range(i, min(i + HP["eval_batch"], len(lens)))) for i in range(0, len(lens), HP["eval_batch"])])
     return plain_loop(a, path, train, dev, fused=True)
 
@@ -284,9 +310,10 @@ def plain_loop(a, path: str, train, dev, fused) -> dict:
     steps = len(step_sizes(a))
     sched = get_linear_schedule_with_warmup(opt, math.ceil(HP["warmup_ratio"] * steps), steps)
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16")
-    ends = []
+    ends, fed = [], 0
     model.train()
     for ids, mask, labels in train:
+        fed += ids.numel()
         with amp:
             logits = model(input_ids=ids, attention_mask=mask).logits
         loss = F.cross_entropy(logits.float(), labels)
@@ -302,7 +329,8 @@ def plain_loop(a, path: str, train, dev, fused) -> dict:
         for ids, mask, labels in dev:
             correct += (model(input_ids=ids, attention_mask=mask).logits.argmax(-1) == labels).sum().item()
             total += len(labels)
-    return {"examples_per_s": throughput(a, ends), "dev_accuracy": correct / total, "steps": len(ends)}
+    return {"examples_per_s": throughput(a, ends), "dev_accuracy": correct / total, "steps": len(ends),
+            "input_tokens": fed}
 
 
 ARM_RUNNERS = {"dist_train": dist_train_arm, "trainer": lambda a: trainer_arm(a, grouped=False),

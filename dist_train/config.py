@@ -140,6 +140,16 @@ class TrainConfig:
     """Compute precision: bf16 autocast works on CPU and GPU; fp16 (with loss scaling) needs a GPU."""
     eval_every: int = 0
     """Evaluate on validation every N optimizer steps (0 = only at the end of each epoch)."""
+    compile: bool = False
+    """Run the model through ``torch.compile`` (fuses elementwise ops into the matmuls' neighbours; varying
+    sequence lengths compile once more, as dynamic shapes). Pays off on GPUs; on a 2-core CPU MiniLM took
+    280 s to compile and then ran 13% slower than eager (docs/performance.md)."""
+    compile_backend: str = "inductor"
+    """``torch.compile`` backend: ``inductor`` generates kernels; ``aot_eager`` only captures the graphs
+    (a quick check that a model compiles)."""
+    tf32: bool = True
+    """On NVIDIA GPUs (Ampere and newer), fp32 matmuls and convolutions use TF32 tensor cores (10-bit
+    mantissa inputs, fp32 accumulation), as PyTorch recommends for training; no effect on CPU or in bf16."""
 
 
 @dataclass

@@ -35,10 +35,32 @@ def test_pretrain_overhead_bench_runs_on_a_tiny_setting(tmp_path):
     assert "ratio dist-train/bare" in result.stdout
 
 
+def test_finetune_vs_hf_bench_runs_every_arm_on_a_tiny_setting(tmp_path):
+    """dist-train, Trainer (grouping off/on), the seed's loop and the bare loop all train the same 96 rows."""
+    out = tmp_path / "finetune.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-m", "bench", "finetune_vs_hf", "--tiny", "--examples", "96",
+                             "--warmup", "1", "--dev", "40", "--rounds", "1", "--work", str(tmp_path / "work"),
+                             "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    arms = ("dist_train", "trainer", "trainer_grouped", "seed", "bare")
+    assert set(data["runs"]) == set(arms)
+    for arm in arms:
+        run = data["runs"][arm][0]
+        assert run["steps"] == 3 and run["examples_per_s"] > 0, (arm, run)
+        assert round(run["dev_accuracy"] * 40) == run["dev_accuracy"] * 40  # a share of exactly 40 dev rows
+    fed = {arm: data["runs"][arm][0]["input_tokens"] for arm in arms if arm != "dist_train"}
+    # Padding to the longest row of the whole set feeds the most positions; length grouping the fewest.
+    assert data["real_tokens"] <= fed["bare"] <= fed["trainer"] <= fed["seed"]
+    assert set(data["ratios"]) == {f"dist_train/{arm}" for arm in arms[1:]}
+    assert "ratios: dist_train/trainer " in result.stdout
+
+
 def test_one_entry_point_lists_and_runs_the_benchmarks():
     listing = subprocess.run([sys.executable, "-m", "bench"], cwd=ROOT, capture_output=True, text=True)
     assert listing.returncode == 0
-    for name in ("pretrain_overhead", "resume", "transfer", "zero_memory"):
+    for name in ("finetune_vs_hf", "pretrain_overhead", "resume", "transfer", "zero_memory"):
         assert name in listing.stdout
     helped = subprocess.run([sys.executable, "-m", "bench", "transfer", "pretrain", "--help"], cwd=ROOT,
                             capture_output=True, text=True)

@@ -17,7 +17,9 @@ def resolve_kind(kind: str) -> str:
 
 def build_engine(cfg) -> Engine:
     kind = resolve_kind(cfg.engine.kind)
-    common = {"precision": cfg.train.precision, "max_grad_norm": cfg.train.max_grad_norm}
+    t = cfg.train
+    common = {"precision": t.precision, "max_grad_norm": t.max_grad_norm, "tf32": t.tf32,
+              "compile_backend": t.compile_backend if t.compile else None}
     if kind == "single":
         return SingleEngine(**common)
     env = DistEnv.from_environ(cfg.engine.timeout_s)

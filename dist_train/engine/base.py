@@ -44,8 +44,14 @@ class Engine:
     checkpoint_format = "torch"
     """What ``save`` writes; a checkpoint resumes only on an engine of the same format (any world size)."""
 
-    def __init__(self, precision: str = "fp32", max_grad_norm: float = 0.0):
+    def __init__(self, precision: str = "fp32", max_grad_norm: float = 0.0, tf32: bool = True,
+                 compile_backend: str | None = None):
         self.device = pick_device(self.local_rank)
+        if self.device.type == "cuda":
+            # Process-wide; only on GPU processes, so CPU matmuls stay IEEE fp32. (The legacy call, not the
+            # per-backend fp32_precision flags: mixing the two APIs makes torch.get_float32_matmul_precision raise.)
+            torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        self.compile_backend = compile_backend
         if precision == "fp16" and self.device.type != "cuda":
             raise UserError("train.precision=fp16 needs a CUDA GPU; on CPU use train.precision=bf16 (or fp32)")
         self.precision = precision
@@ -67,6 +73,9 @@ class Engine:
     def prepare(self, model: torch.nn.Module, optimizer, scheduler) -> None:
         """Take ownership of the model (moved to this process's device), optimizer and LR scheduler."""
         self.model = model.to(self.device)
+        if self.compile_backend:
+            # In place: state-dict keys, export and checkpoints stay those of the plain model.
+            self.model.compile(backend=self.compile_backend)
         self.optimizer, self.scheduler = optimizer, scheduler
 
     @property

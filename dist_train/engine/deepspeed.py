@@ -60,8 +60,9 @@ def deepspeed_config(cfg, world_size: int) -> dict:
 class DeepSpeedEngine(DistributedEngine):
     checkpoint_format = "deepspeed"
 
-    def __init__(self, cfg, precision: str = "fp32", max_grad_norm: float = 0.0, env: DistEnv | None = None):
-        super().__init__(precision, max_grad_norm, env or DistEnv.from_environ(cfg.engine.timeout_s))
+    def __init__(self, cfg, precision: str = "fp32", max_grad_norm: float = 0.0, env: DistEnv | None = None,
+                 **options):
+        super().__init__(precision, max_grad_norm, env or DistEnv.from_environ(cfg.engine.timeout_s), **options)
         if self.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.scaler = None  # fp16 loss scaling is DeepSpeed's own
@@ -96,6 +97,8 @@ class DeepSpeedEngine(DistributedEngine):
                                          adamw_mode=True)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.model = self.ds.module
+        if self.compile_backend:
+            self.ds.compile(backend=self.compile_backend)  # DeepSpeed's own: it knows where ZeRO-3 hooks sit
         # Our schedule, re-bound to the optimizer DeepSpeed actually steps (ZeRO wraps and regroups it).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.torch_optimizer(), scheduler.lr_lambdas[0])
 

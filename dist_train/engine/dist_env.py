@@ -92,10 +92,11 @@ class DistEnv:
 class DistributedEngine(Engine):
     """An engine with one process per device in a torch.distributed process group (DDP, DeepSpeed)."""
 
-    def __init__(self, precision: str = "fp32", max_grad_norm: float = 0.0, env: DistEnv | None = None):
+    def __init__(self, precision: str = "fp32", max_grad_norm: float = 0.0, env: DistEnv | None = None,
+                 **options):
         self.env = env or DistEnv.from_environ()
         self.rank, self.local_rank, self.world_size = self.env.rank, self.env.local_rank, self.env.world_size
-        super().__init__(precision, max_grad_norm)
+        super().__init__(precision, max_grad_norm, **options)
         self.env.init_process_group(self.device)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
