@@ -127,7 +127,7 @@ class TrainConfig:
     """AdamW epsilon."""
     fused_optimizer: bool = True
     """AdamW as torch's fused kernel (all parameters in one pass, on CPU and GPU); false = torch's default
-    (a multi-tensor loop on GPU, a per-parameter loop on CPU, ~5x slower there for a 22M-parameter model)."""
+    (a multi-tensor loop on GPU, a per-parameter loop on CPU: 15% of a MiniLM step there, docs/performance.md)."""
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     """LR decay after warmup."""
     warmup_ratio: float = 0.06
@@ -141,15 +141,15 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate on validation every N optimizer steps (0 = only at the end of each epoch)."""
     compile: bool = False
-    """Run the model through ``torch.compile`` (fuses elementwise ops into the matmuls' neighbours; varying
-    sequence lengths compile once more, as dynamic shapes). Pays off on GPUs; on a 2-core CPU MiniLM took
+    """Run the model through ``torch.compile`` (fuses elementwise ops; a second sequence length recompiles
+    once with dynamic shapes, torch's default). Pays off on GPUs; on a 2-core CPU MiniLM took
     280 s to compile and then ran 13% slower than eager (docs/performance.md)."""
     compile_backend: str = "inductor"
     """``torch.compile`` backend: ``inductor`` generates kernels; ``aot_eager`` only captures the graphs
     (a quick check that a model compiles)."""
     tf32: bool = True
-    """On NVIDIA GPUs (Ampere and newer), fp32 matmuls and convolutions use TF32 tensor cores (10-bit
-    mantissa inputs, fp32 accumulation), as PyTorch recommends for training; no effect on CPU or in bf16."""
+    """On NVIDIA GPUs (Ampere and newer), fp32 matmuls use TF32 tensor cores (10-bit mantissa inputs, fp32
+    accumulation; ``torch.set_float32_matmul_precision("high")``); no effect on CPU or on bf16 matmuls."""
 
 
 @dataclass

@@ -9,6 +9,8 @@ import sys
 from types import SimpleNamespace
 
 import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
 from conftest import NO_DROPOUT, ROOT, tiny_config
 from test_train import run, weights
 
@@ -40,10 +42,14 @@ def test_compiled_model_trains_like_the_eager_one_and_exports_plain(tmp_path, se
     data = {"train": sentiment_slice["train"]}
     finals = {}
     for name, compiled in (("eager", False), ("compiled", True)):
+        torch._dynamo.reset()
+        counters.clear()
         cfg = tiny_config(tmp_path, data, output_dir=str(tmp_path / name),
                           model={"config": NO_DROPOUT, "tokenizer": "all-MiniLM-L6-v2"},
                           train={"max_steps": 4, "compile": compiled, "compile_backend": "aot_eager"})
         run(cfg)
+        # Dynamo really captured graphs in the compiled run (and none in the eager one).
+        assert (counters["stats"]["unique_graphs"] > 0) == compiled, dict(counters["stats"])
         finals[name] = weights(tmp_path / name / "final")
     assert finals["eager"].keys() == finals["compiled"].keys()
     assert not any("_orig_mod" in k for k in finals["compiled"])
