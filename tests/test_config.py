@@ -49,7 +49,8 @@ def test_a_model_config_that_transformers_rejects_is_one_line(tmp_path):
 
 
 def test_int_is_accepted_where_float_is_declared():
-    assert load_config(SENTIMENT_YAML, ["train.epochs=2"]).train.epochs == 2.0
+    epochs = load_config(SENTIMENT_YAML, ["train.epochs=2"]).train.epochs
+    assert epochs == 2.0 and type(epochs) is float, (epochs, type(epochs))  # converted, not kept as int 2
 
 
 @pytest.mark.parametrize("override, needles", [
