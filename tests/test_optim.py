@@ -29,16 +29,23 @@ def test_no_weight_decay_on_biases_and_norms():
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
 def test_schedule_warms_up_then_decays(kind):
-    total, warmup = 100, 10
-    f = [lr_factor(s, total, warmup, kind, 0.1) for s in range(total)]
-    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warmup reaches the peak
-    assert all(a <= b for a, b in zip(f[:10], f[1:10]))
+    # Warmup 8 and floor 0.3: the first warmup factor (1/8) and the floor differ, so neither can stand in
+    # for the other (with warmup 10 and floor 0.1 both are 0.1).
+    total, warmup, floor = 100, 8, 0.3
+    f = [lr_factor(s, total, warmup, kind, floor) for s in range(total)]
+    assert f[0] == pytest.approx(1 / warmup) and abs(f[0] - floor) > 0.1  # warmup starts at 1/warmup, not the floor
+    assert f[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])  # linear warmup...
+    assert f[warmup - 1] == pytest.approx(1.0)  # ...reaches the peak
+    assert all(a <= b for a, b in zip(f[:warmup], f[1:warmup]))
     if kind == "constant":
-        assert f[10:] == [1.0] * 90
+        assert f[warmup:] == [1.0] * (total - warmup)
     else:
-        assert all(a >= b for a, b in zip(f[10:], f[11:]))
-        assert f[-1] == pytest.approx(0.1 + 0.9 * (1 - 89 / 90) if kind == "linear"
-                                      else 0.1 + 0.45 * (1 + math.cos(math.pi * 89 / 90)))
+        assert all(a >= b for a, b in zip(f[warmup:], f[warmup + 1:]))
+        progress = (total - 1 - warmup) / (total - warmup)
+        assert f[-1] == pytest.approx(floor + (1 - floor) * (1 - progress) if kind == "linear"
+                                      else floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+        assert min(f[warmup:]) > floor  # the decay never goes below the floor...
+        assert lr_factor(total, total, warmup, kind, floor) == pytest.approx(floor)  # ...and decays onto it
 
 
 def test_scheduler_drives_the_optimizer_lr():
