@@ -8,6 +8,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
@@ -57,6 +58,8 @@ def test_compiled_model_trains_like_the_eager_one_and_exports_plain(tmp_path, se
     assert diff < 1e-5, diff
 
 
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="checks the script's CPU path (device: cpu); on a CUDA machine run bench/gpu_smoke.sh itself")
 def test_gpu_smoke_script_runs_tiny_on_cpu(tmp_path):
     """bench/gpu_smoke.sh end to end with SMOKE_TINY=1: every line of its report carries a number."""
     env = {**os.environ, "SMOKE_TINY": "1", "OUT_DIR": str(tmp_path / "smoke"), "PYTHON": sys.executable,

@@ -159,6 +159,7 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, sentiment_slice):
     assert all(t.dtype == torch.float32 for t in final.values())  # master weights stay fp32
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="about CPU-only machines: with CUDA, fp16 is valid")
 def test_fp16_on_cpu_is_a_clear_error(tmp_path, sentiment_slice):
     cfg = tiny_config(tmp_path, {"train": sentiment_slice["train"]}, train={"precision": "fp16"})
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
