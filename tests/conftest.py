@@ -105,14 +105,36 @@ def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> Non
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """One tiny sentiment run, shared by the output tests."""
+    """One tiny sentiment run, shared by the output tests.
+
+    Train is learnable (one cue word decides the label; 0/1 = negative/positive) and validation follows the
+    opposite rule, so every bit learned makes validation worse: the best checkpoint is the first evaluation
+    (step 5), never the last (step 20), and ``final/`` must be the best, not the last, weights. Measured
+    validation accuracy at steps 5/10/15/20: 0.56 / 0.44 / 0.0 / 0.0. Test is a slice of the real test set.
+    """
+    import random
+
+    rng = random.Random(0)
+    good, bad = ["wonderful", "superb", "delightful"], ["awful", "boring", "terrible"]
+    filler = "the movie plot acting story film scene cast director music".split()
+
+    def rows(n: int, flip: bool) -> str:
+        out = []
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            words = rng.sample(filler, 5) + [rng.choice(good if label else bad)]
+            rng.shuffle(words)
+            out.append(f"{' '.join(words)}\t{1 - label if flip else label}\n")
+        return "sentence\tlabel\n" + "".join(out)
+
     tmp = tmp_path_factory.mktemp("run")
-    files = {}
-    for split, n in (("train", 160), ("validation", 48), ("test", 37)):
-        files[split] = tmp / f"{split}.tsv"
-        files[split].write_text(head(SENTIMENT / ("dev.tsv" if split == "validation" else f"{split}.tsv"), n))
+    files = {split: tmp / f"{split}.tsv" for split in ("train", "validation", "test")}
+    files["train"].write_text(rows(160, flip=False))
+    files["validation"].write_text(rows(48, flip=True))
+    files["test"].write_text(head(SENTIMENT / "test.tsv", 37))
     cfg_path = tiny_config(tmp, files, task={"label_names": ["negative", "positive"]},
-                           train={"epochs": 2, "eval_every": 5}, checkpoint={"every_steps": 4, "keep_last_n": 1})
+                           train={"epochs": 2, "eval_every": 5, "lr": 3e-3},
+                           checkpoint={"every_steps": 4, "keep_last_n": 1})
     cfg = load_config(cfg_path)
     reports = train(cfg)
     return tmp / "out", cfg, reports, files

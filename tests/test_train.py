@@ -41,15 +41,28 @@ def test_run_writes_every_output(trained):
     assert report["confusion_matrix"]["labels"] == ["negative", "positive"]
 
 
+def best_and_validation(out):
+    """The run's best step (from the last checkpoint's state) and the validation accuracy at each step."""
+    state = json.loads((out / "checkpoints" / "step-20" / "trainer_state.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return state["best_step"], {r["step"]: r["accuracy"] for r in records if r["split"] == "validation"}
+
+
 def test_checkpoints_rotate_and_keep_the_best(trained):
     out, _, _, _ = trained
     ckpts = out / "checkpoints"
     steps = sorted(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
-    best = json.loads((ckpts / f"step-{steps[-1]}" / "trainer_state.json").read_text())["best_step"]
+    best, accuracy = best_and_validation(out)
+    # The fixture's validation gets worse as training learns, so the best is never the last step: were it
+    # step 20, "keep the best" and "keep the newest" would be the same checkpoint and prove nothing.
+    assert best != 20, accuracy
+    assert best == min(accuracy, key=lambda s: (-accuracy[s], s))  # the highest accuracy (first of ties)
+    assert accuracy[best] > accuracy[20], accuracy
     assert steps[-1] == 20 and set(steps) == {best, 20}  # keep_last_n=1 plus the best
     assert (ckpts / "latest").read_text() == "step-20"
     for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"):
         assert (ckpts / "step-20" / name).is_file()
+        assert (ckpts / f"step-{best}" / name).is_file()
     optim = torch.load(ckpts / "step-20" / "optimizer.pt", weights_only=True)
     assert optim["state"]  # real Adam moments, loadable without pickle code
     assert not list(ckpts.glob(".tmp-*"))
@@ -59,9 +72,13 @@ def test_final_is_the_best_checkpoint_and_loads_in_a_pipeline(trained):
     out, _, _, _ = trained
     from transformers import AutoModelForSequenceClassification, pipeline
 
-    state = json.loads((out / "checkpoints" / "latest").parent.joinpath("step-20", "trainer_state.json").read_text())
-    final, best = weights(out / "final"), weights(out / "checkpoints" / f"step-{state['best_step']}")
-    assert final.keys() == best.keys() and all(torch.equal(final[k], best[k]) for k in final)
+    best_step, _ = best_and_validation(out)
+    assert best_step != 20
+    final = weights(out / "final")
+    best, last = weights(out / "checkpoints" / f"step-{best_step}"), weights(out / "checkpoints" / "step-20")
+    assert final.keys() == best.keys() == last.keys()
+    assert all(torch.equal(final[k], best[k]) for k in final)  # final/ is the best checkpoint...
+    assert max((final[k] - last[k]).abs().max().item() for k in final) > 1e-3  # ...not the last one
     model = AutoModelForSequenceClassification.from_pretrained(out / "final")
     assert model.config.id2label == {0: "negative", 1: "positive"}
     clf = pipeline("text-classification", model=str(out / "final"))
