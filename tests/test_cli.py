@@ -3,21 +3,57 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pandas as pd
+import pytest
 
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, run_cli, tiny_config
+from dist_train.config import load_config
+from dist_train.trainer import train
 
 
-def test_predict_texts_prints_label_and_probability(trained):
-    out, _, _, _ = trained
-    result = run_cli("predict", out / "final", "I really enjoyed this film.", "A tedious, joyless mess.")
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """A tiny model trained on a task it can learn (one cue word decides the label), so that its
+    predictions on clear examples are known; the shared ``trained`` model is too weak for that."""
+    tmp = tmp_path_factory.mktemp("learned")
+    rng = random.Random(0)
+    good, bad = ["wonderful", "superb", "delightful"], ["awful", "boring", "terrible"]
+    filler = "the movie plot acting story film scene cast director music".split()
+    lines = []
+    for _ in range(160):
+        label = rng.randint(0, 1)
+        words = rng.sample(filler, 5) + [rng.choice(good if label else bad)]
+        rng.shuffle(words)
+        lines.append(f"{' '.join(words)}\t{label}\n")
+    (tmp / "train.tsv").write_text("sentence\tlabel\n" + "".join(lines))
+    cfg = tiny_config(tmp, {"train": tmp / "train.tsv"}, task={"label_names": ["negative", "positive"]},
+                      train={"epochs": 4, "lr": 3e-3}, logging={"every_steps": 12, "progress_bar": False,
+                                                                 "tensorboard": False})
+    train(load_config(cfg))
+    return tmp / "out" / "final"
+
+
+def test_predict_texts_prints_label_and_probability(learned):
+    """Clear examples get the right label, with the softmax probability of that label (checked against the
+    Hugging Face pipeline's scores for both labels, which sum to 1)."""
+    from transformers import pipeline
+
+    cases = {"the movie was wonderful": "positive", "superb acting and a delightful story": "positive",
+             "the film was awful": "negative", "a boring plot and terrible music": "negative"}
+    result = run_cli("predict", learned, *cases)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 2
-    for line, text in zip(lines, ["I really enjoyed this film.", "A tedious, joyless mess."]):
+    assert len(lines) == len(cases)
+    scores = pipeline("text-classification", model=str(learned), top_k=None)(list(cases))
+    for line, (text, expected), both in zip(lines, cases.items(), scores):
         label, prob, echoed = line.split("\t")
-        assert label in ("negative", "positive") and 0.5 <= float(prob) <= 1.0 and echoed == text
+        assert (label, echoed) == (expected, text), line
+        both = {s["label"]: s["score"] for s in both}
+        assert both.keys() == {"negative", "positive"} and sum(both.values()) == pytest.approx(1.0, abs=1e-6)
+        assert float(prob) == pytest.approx(both[label], abs=1e-4), (line, both)
+        assert float(prob) > 0.9, line  # clear cases, confidently (measured 0.97)
 
 
 def test_predict_file_writes_one_row_per_input(trained, tmp_path):
