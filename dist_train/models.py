@@ -7,7 +7,9 @@ ship inside pip packages (so a config can name them without a machine-specific p
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import struct
 from pathlib import Path
 
 from dist_train.errors import UserError
@@ -44,8 +46,34 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, what: str = "mode
     path = resolve_model_path(name, what)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{what}: cannot load a tokenizer from '{path}': {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign folder fails in many ways; each is one line
+        raise UserError(f"{what}: cannot load a tokenizer from '{path}': {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    # KeyError('nope') reads as just 'nope': say what kind of failure it was.
+    return f"{type(exc).__name__}: {text}" if isinstance(exc, (KeyError, IndexError, ZeroDivisionError)) else text
+
+
+def check_weights(folder: str | Path, what: str) -> None:
+    """Every ``*.safetensors`` file in ``folder`` is whole: its header parses and the file is as long as the
+    header says (a truncated copy or download otherwise fails deep inside safetensors, or loads garbage)."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as fh:
+                (header_len,) = struct.unpack("<Q", fh.read(8))
+                if header_len > size - 8:
+                    raise ValueError
+                header = json.loads(fh.read(header_len))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (struct.error, ValueError, KeyError, TypeError, IndexError):
+            raise UserError(f"{what}: '{path}' is not a valid safetensors file ({size} bytes; damaged or "
+                            "truncated); copy or export the model again") from None
+        if size != 8 + header_len + end:
+            raise UserError(f"{what}: '{path}' has {size} bytes, its header describes {8 + header_len + end} "
+                            "(truncated or damaged); copy or export the model again")
 
 
 def build_model(model_cfg, auto_class, tokenizer, max_length: int, **head_kwargs):
@@ -58,10 +86,11 @@ def build_model(model_cfg, auto_class, tokenizer, max_length: int, **head_kwargs
 
     if model_cfg.pretrained is not None:
         path = resolve_model_path(model_cfg.pretrained)
+        check_weights(path, "model.pretrained")
         try:
             model = auto_class.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code, **head_kwargs)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"model.pretrained: cannot load '{path}': {str(exc).splitlines()[0]}") from None
+        except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError, ...: one line each
+            raise UserError(f"model.pretrained: cannot load '{path}': {_first_line(exc)}") from None
         _check_fits(model.config, tokenizer, max_length, "model.pretrained")
         return model
     kwargs = dict(model_cfg.config)
@@ -75,7 +104,11 @@ def build_model(model_cfg, auto_class, tokenizer, max_length: int, **head_kwargs
     except Exception as exc:  # noqa: BLE001 - transformers' config validation raises several types
         raise UserError(f"model.config: {' '.join(str(exc).split())}") from None
     _check_fits(config, tokenizer, max_length, "model.config")
-    return auto_class.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    try:
+        return auto_class.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - transformers validates many keys only when it builds the layers
+        raise UserError(f"model.config: transformers cannot build a {model_type} model from it: "
+                        f"{_first_line(exc)}") from None
 
 
 def _check_fits(config, tokenizer, max_length: int, what: str) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
+from pathlib import Path
 
 
 def _quiet_libraries() -> None:
@@ -42,30 +42,25 @@ def cmd_train(args) -> int:
         return 0
     from dist_train.trainer import train
 
-    train(cfg)
-    return 0
+    return train(cfg).get("exit_code", 0)
 
 
 def cmd_launch(args) -> int:
-    import subprocess
-
     from dist_train.config import load_config
-    from launcher.launch import LaunchArgs, build_command, check_slurm_grant, launch_env, render
+    from launcher.launch import (LaunchArgs, build_command, check_slurm_grant, launch_env, preflight, render,
+                                 run_workers)
 
     cfg = load_config(args.config, args.overrides)  # config errors surface here, before any worker starts
     largs = LaunchArgs(args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id,
                        args.max_restarts, args.launcher)
-    cmd, env = build_command(largs, args.config, args.overrides), launch_env(largs)
+    cmd, env = build_command(largs, args.config, args.overrides, cfg.checkpoint.stop_signals), launch_env(largs)
     if args.dry_run:
         print(render(cmd, env))
         return 0
+    preflight(cfg, largs.nnodes)
     check_slurm_grant(largs.nproc_per_node)
-    # Stop signals are for the training processes (they checkpoint and exit); the launcher and torchrun
-    # (which inherits this) ignore them instead of dying of them and taking the job down.
-    for name in cfg.checkpoint.stop_signals:
-        signal.signal(signal.Signals[name], signal.SIG_IGN)
-    print(f"dist-train: launching {render(cmd, env)}", file=sys.stderr, flush=True)
-    return subprocess.run(cmd, env=env).returncode
+    print(f"dist-train: launching {render(cmd, env)}", flush=True)
+    return run_workers(cmd, env, cfg.checkpoint.stop_signals)
 
 
 def cmd_submit(args) -> int:
@@ -85,18 +80,30 @@ def cmd_submit(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from dist_train.export import read_meta
-    from dist_train.inference import LoadedModel, evaluate_language_model
-    from dist_train.models import resolve_model_path
+def _model_folder(args, command: str):
+    """Check MODEL_DIR and the options against it before loading anything heavy (nothing is written)."""
+    from dist_train.config import check_number
+    from dist_train.inference import ModelFolder, check_output_file
 
-    meta = read_meta(resolve_model_path(args.model_dir, "MODEL_DIR"))
-    if meta.get("task") in ("causal_lm", "masked_lm"):
-        report = evaluate_language_model(args.model_dir, args.data, meta, args.text_column, args.max_length,
-                                         args.batch_size, args.precision)
+    check_number("--batch-size", args.batch_size, 1, None, "[", where="")
+    folder = ModelFolder(args.model_dir)
+    folder.require(command)
+    max_length = folder.max_length(args.max_length)
+    if args.output:
+        check_output_file(args.output, "--output", (getattr(args, "file", None), getattr(args, "data", None)))
+    return folder, max_length
+
+
+def cmd_eval(args) -> int:
+    from dist_train.inference import LM_TASKS, LoadedModel, evaluate_language_model
+
+    folder, max_length = _model_folder(args, "eval")
+    if folder.task in LM_TASKS:
+        report = evaluate_language_model(folder, args.data, args.text_column, max_length, args.batch_size,
+                                         args.precision)
     else:
-        model = LoadedModel(args.model_dir, args.precision)
-        data_cfg = model.data_config(args.text_column, args.text_pair_column, args.label_column, args.max_length)
+        model = LoadedModel(folder, args.precision)
+        data_cfg = model.data_config(args.text_column, args.text_pair_column, args.label_column, max_length)
         report = model.evaluate(args.data, data_cfg, args.batch_size)
     text = json.dumps(report, indent=2)
     if args.output:
@@ -114,22 +121,45 @@ def cmd_predict(args) -> int:
         raise UserError("predict: give either texts to classify or --file FILE (with --output FILE)")
     if args.file and not args.output:
         raise UserError("predict: --file needs --output FILE for the predictions")
-    model = LoadedModel(args.model_dir, args.precision)
-    data_cfg = model.data_config(args.text_column, args.text_pair_column, None, args.max_length)
+    if args.output and not args.file:
+        raise UserError("predict: --output goes with --file FILE; texts given on the command line are printed")
+    folder, max_length = _model_folder(args, "predict")
+    model = LoadedModel(folder, args.precision)
+    data_cfg = model.data_config(args.text_column, args.text_pair_column, None, max_length)
     if args.file:
         n = model.predict_file(args.file, args.output, data_cfg, args.batch_size)
         print(f"wrote {n} predictions to {args.output}")
         return 0
-    for text, (label, prob, _) in zip(args.texts, model.predict(args.texts, None, data_cfg.max_length)):
+    for text, (label, prob, _) in zip(args.texts, model.predict(args.texts, None, max_length, args.batch_size)):
         print(f"{label}\t{prob:.4f}\t{text}")
     return 0
 
 
 def cmd_export(args) -> int:
+    from dist_train.checkpoint import checkpoints
+    from dist_train.errors import UserError
     from dist_train.export import export_checkpoint
+    from dist_train.inference import can_write_in, check_creatable
 
-    out = export_checkpoint(args.checkpoint, args.out_dir)
-    print(f"exported {args.checkpoint} to {out}")
+    # Paths are checked before export_checkpoint consolidates the weights (the slow part).
+    ckpt, out = Path(args.checkpoint), Path(args.out_dir)
+    if not ckpt.exists():
+        raise UserError(f"export: CHECKPOINT '{ckpt}' does not exist; give a folder like "
+                        "output_dir/checkpoints/step-N")
+    steps = checkpoints(ckpt / "checkpoints")
+    if steps:
+        raise UserError(f"export: '{ckpt}' is a run folder; give one of its checkpoints, e.g. {steps[0]}")
+    if (ckpt / "config.json").is_file() and not (ckpt / "hf").exists():
+        raise UserError(f"export: '{ckpt}' is already a model folder (config.json, weights); use it as it is")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"export: OUT_DIR '{out}' is a file; give a new folder")
+    if out.is_dir():
+        if not can_write_in(out):
+            raise UserError(f"export: OUT_DIR '{out}' cannot be written: no write permission")
+    else:
+        check_creatable(out, "export: OUT_DIR")
+    result = export_checkpoint(args.checkpoint, args.out_dir)
+    print(f"exported {args.checkpoint} to {result}")
     return 0
 
 
@@ -155,9 +185,19 @@ def cmd_tokenizer(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as the one line every dist-train error is (argparse prints the usage first)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("dist-train").strip()
+        if command:
+            self.exit(2, f"dist-train: error: {command}: {message} (see dist-train {command} --help)\n")
+        self.exit(2, f"dist-train: error: {message} (see dist-train --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dist-train", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="dist-train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train from a YAML config (one process; under torchrun, one worker)")
     p.add_argument("config", help="YAML config file (see configs/)")
@@ -239,26 +279,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Options may come before, between or after the positionals of every command (overrides, texts)."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if not argv or argv[0] not in commands:
+        return parser.parse_args(argv)  # help, or the error for a missing or unknown command
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
+
+
+def _report(exc: BaseException) -> int:
+    """The one line for an error the user can fix; under `dist-train launch`, also into the launcher's box
+    (the launcher prints each different line once, instead of every rank printing the same)."""
+    from launcher.launch import write_error
+
+    code = getattr(exc, "exit_code", 2)
+    rank = os.environ.get("RANK", "0")
+    who = f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    line = f"dist-train: {who}error: {' '.join(str(exc).split())}"
+    if not write_error(rank, code, " ".join(str(exc).split())):
+        print(line, file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
-    parser = build_parser()
-    # Overrides may come before or after options (launch CONFIG --nproc-per-node 2 engine.kind=ddp).
-    args, extra = parser.parse_known_args(argv)
-    unknown = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if extra:
-        args.overrides = [*args.overrides, *extra]
-    from dist_train.errors import UserError
+    args = parse(sys.argv[1:] if argv is None else list(argv))
+    from dist_train import errors
 
+    stop_requested = getattr(errors, "StopRequested", ())
     try:
         if args.command in ("eval", "predict", "export") or (args.command == "train" and not args.print_config):
             _quiet_transformers()
+        if args.command == "train":
+            from launcher.launch import register_worker
+
+            register_worker()
         return args.func(args)
-    except UserError as exc:
-        who = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        print(f"dist-train: {who}error: {exc}", file=sys.stderr)
-        return 2
+    except errors.UserError as exc:
+        return _report(exc)
+    except stop_requested as exc:
+        print(f"dist-train: stopped by {exc.signal_name} before training started; nothing to save",
+              file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("dist-train: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

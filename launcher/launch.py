@@ -1,13 +1,38 @@
-"""Build the command that starts N workers (torchrun or the DeepSpeed launcher) for ``dist-train train``."""
+"""Start N workers of ``dist-train train`` (torchrun or the DeepSpeed launcher) and stay with them.
+
+The launcher and its workers share a small folder, the *box* (``$DIST_TRAIN_LAUNCH_BOX``, a temporary
+folder that lives as long as the launch):
+
+- each worker writes ``rank-R.pid`` when it starts: the launcher passes the stop signals
+  (``checkpoint.stop_signals``) and Ctrl-C on to exactly these processes. torchrun starts every worker in a
+  session of its own, so a signal to the launcher (Kubernetes: only to PID 1) reaches no worker by itself;
+  torchrun's own handling would SIGTERM the workers and SIGKILL them 30 s later, saved or not.
+- a worker that stops on a user error (exit 2; 3 for a failed run) writes its one line to ``rank-R.error``
+  instead of printing it: the launcher prints each different line once, not once per rank, and torchrun's
+  report of the failure (a traceback and a table of ranks) is left out. Any other failure (a crash) keeps
+  torchrun's full report.
+
+torchrun runs through this module (``python -m launcher.launch``): the same torchrun, with the signals the
+workers handle left to them (see ``torchrun_main``).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shlex
+import signal
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from dist_train.errors import UserError
+
+BOX_ENV = "DIST_TRAIN_LAUNCH_BOX"
+LEAVE_FLAG = "--leave-to-workers="
+TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # what torchrun itself handles by default
 
 
 @dataclass
@@ -34,15 +59,43 @@ def worker_threads(nproc_per_node: int) -> int:
     return max(1, cores // nproc_per_node)
 
 
-def build_command(args: LaunchArgs, config: str, overrides: list[str]) -> list[str]:
-    if args.nproc_per_node < 1 or args.nnodes < 1:
-        raise UserError("launch: --nproc-per-node and --nnodes must be >= 1")
+def check_endpoint(endpoint: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6-address]:PORT`` too) -> (host, port), or the error that says what is wrong."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port:
+        raise UserError(f"launch: --rdzv-endpoint '{endpoint}' needs a port: HOST:PORT (e.g. head-node:29500)")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UserError(f"launch: --rdzv-endpoint '{endpoint}': port '{port}' is not a number in 1-65535")
+    if any(c.isspace() or c in "/@?#" for c in host):
+        raise UserError(f"launch: --rdzv-endpoint '{endpoint}': '{host}' is not a host name or address")
+    return host.strip("[]"), int(port)
+
+
+def check_args(args: LaunchArgs) -> None:
+    if args.nproc_per_node < 1:
+        raise UserError(f"launch: --nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    if args.nnodes < 1:
+        raise UserError(f"launch: --nnodes must be >= 1, got {args.nnodes}")
+    if args.max_restarts < 0:
+        raise UserError(f"launch: --max-restarts must be >= 0, got {args.max_restarts}")
     if not 0 <= args.node_rank < args.nnodes:
         raise UserError(f"launch: --node-rank {args.node_rank} must be in [0, {args.nnodes})")
+    if not args.rdzv_id.strip() or any(c.isspace() for c in args.rdzv_id):
+        raise UserError(f"launch: --rdzv-id '{args.rdzv_id}' must be one word (no spaces), e.g. the job id")
+    if args.rdzv_endpoint is not None:
+        check_endpoint(args.rdzv_endpoint)
+
+
+def build_command(args: LaunchArgs, config: str, overrides: list[str],
+                  stop_signals: list[str] = ("SIGUSR1", "SIGTERM")) -> list[str]:
+    check_args(args)
     worker = ["-m", "dist_train", "train", config, *overrides]
     if args.launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
-               f"--nnodes={args.nnodes}", f"--max-restarts={args.max_restarts}"]
+        leave = [*stop_signals, "SIGINT"]
+        cmd = [sys.executable, "-m", "launcher.launch", LEAVE_FLAG + ",".join(leave),
+               f"--nproc-per-node={args.nproc_per_node}", f"--nnodes={args.nnodes}",
+               f"--max-restarts={args.max_restarts}",
+               "--signals-to-handle=" + ",".join(s for s in TORCHRUN_SIGNALS if s not in leave)]
         if args.nnodes == 1 and not args.rdzv_endpoint:
             cmd.append("--standalone")
         else:
@@ -59,7 +112,7 @@ def build_command(args: LaunchArgs, config: str, overrides: list[str]) -> list[s
         if args.nnodes > 1:  # (--num_nodes=1 makes the DeepSpeed launcher start a single rank)
             cmd += [f"--num_nodes={args.nnodes}", f"--node_rank={args.node_rank}"]
         if args.rdzv_endpoint:
-            host, _, port = args.rdzv_endpoint.rpartition(":")
+            host, port = check_endpoint(args.rdzv_endpoint)
             cmd += [f"--master_addr={host}", f"--master_port={port}"]
         return cmd + ["--module", *worker[1:]]
     raise UserError(f"launch: unknown --launcher '{args.launcher}'; use torchrun or deepspeed")
@@ -98,3 +151,173 @@ def check_slurm_grant(nproc_per_node: int) -> None:
         raise UserError(f"launch: --nproc-per-node {nproc_per_node} asks for more processes than the {granted} "
                         f"{what} SLURM granted this node; submit with more (--cpus-per-task / --gpus-per-node) "
                         "or lower --nproc-per-node")
+
+
+def preflight(cfg, nnodes: int = 1) -> None:
+    """What the workers would find wrong at their start, found before any of them exists; writes nothing."""
+    from dist_train.data.sources import check_data_files
+    from dist_train.models import check_weights, resolve_model_path
+    from dist_train.run_dir import check_writable
+    from dist_train.run_dir import preflight as check_output_dir
+
+    if nnodes == 1:
+        check_output_dir(cfg)
+    else:  # another node's rank 0 may hold the folder already: only the first node can tell
+        check_writable(Path(cfg.output_dir))
+    m = cfg.model
+    if m.pretrained is not None:
+        check_weights(resolve_model_path(m.pretrained), "model.pretrained")
+    if m.tokenizer is not None:
+        resolve_model_path(m.tokenizer, "model.tokenizer")
+    check_data_files(cfg.data, cfg.task.name)
+    if cfg.train.precision == "fp16" and not _has_cuda():
+        raise UserError("train.precision=fp16 needs a CUDA GPU; on CPU use train.precision=bf16 (or fp32)")
+
+
+# -- the box: what workers tell their launcher ------------------------------------------------------------
+def register_worker() -> None:
+    """In a worker under `dist-train launch`: say where to send stop signals."""
+    box = os.environ.get(BOX_ENV)
+    if box and os.path.isdir(box):
+        Path(box, f"rank-{os.environ.get('RANK', '0')}.pid").write_text(str(os.getpid()))
+
+
+def write_error(rank: str, exit_code: int, message: str) -> bool:
+    """In a worker under `dist-train launch`: leave the error line for the launcher; False elsewhere."""
+    box = os.environ.get(BOX_ENV)
+    if not box or not os.path.isdir(box):
+        return False
+    record = {"exit_code": exit_code, "message": message, "local_rank": int(os.environ.get("LOCAL_RANK", rank))}
+    Path(box, f"rank-{rank}.error").write_text(json.dumps(record))
+    return True
+
+
+def _errors(box: str) -> dict[int, dict]:
+    found = {}
+    for path in Path(box).glob("rank-*.error"):
+        try:
+            found[int(path.stem[5:])] = json.loads(path.read_text())
+        except (ValueError, OSError):
+            continue
+    return dict(sorted(found.items()))
+
+
+def _worker_pids(box: str) -> list[int]:
+    """This launch's live workers; a pid file of a worker that has ended (pid reused since) is skipped."""
+    import psutil
+
+    mine = {p.pid for p in psutil.Process().children(recursive=True)}
+    pids = []
+    for path in Path(box).glob("rank-*.pid"):
+        try:
+            pid = int(path.read_text())
+        except (ValueError, OSError):
+            continue
+        if pid in mine:
+            pids.append(pid)
+    return pids
+
+
+def error_lines(errors: dict[int, dict]) -> list[str]:
+    """One line per different message: the same message from every rank is printed once, without rank."""
+    messages = list(dict.fromkeys(e["message"] for e in errors.values()))
+    if len(messages) == 1:
+        return [f"dist-train: error: {messages[0]}"]
+    first = {}
+    for rank, e in errors.items():
+        first.setdefault(e["message"], rank)
+    return [f"dist-train: rank {rank}: error: {message}" for message, rank in first.items()]
+
+
+def run_workers(cmd: list[str], env: dict[str, str], stop_signals: list[str]) -> int:
+    """Run the launcher command to its end, passing stop signals and Ctrl-C on to the workers; returns the
+    exit status (the workers' own for a user error, whose line is printed once here)."""
+    import subprocess
+
+    passed_on = [signal.Signals[name] for name in dict.fromkeys([*stop_signals, "SIGINT"])]
+    with tempfile.TemporaryDirectory(prefix="dist-train-launch-") as box:
+        def pass_on(signum, frame) -> None:
+            for pid in _worker_pids(box):
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+
+        # Ignored while the child starts (it inherits that; torchrun's wrapper replaces it), then passed on.
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in passed_on}
+        try:
+            proc = subprocess.Popen(cmd, env={**env, BOX_ENV: box})
+            for sig in passed_on:
+                signal.signal(sig, pass_on)
+            rc = proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        errors = _errors(box)
+    if rc != 0 and errors:
+        for line in error_lines(errors):
+            print(line, file=sys.stderr, flush=True)
+        first = next(iter(errors.values()))["exit_code"]
+        return first if rc == first else rc
+    return rc
+
+
+# -- python -m launcher.launch: torchrun, with the workers' signals left to them ---------------------------
+class _HoldBack(logging.Filter):
+    """torchrun's log lines about a worker group that ends on a user error: held back, and dropped when the
+    first failure was a user error (the launcher prints that line instead), else let through as usual."""
+
+    def __init__(self, box: str | None):
+        super().__init__()
+        self.box, self.held, self.passing = box, [], False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.passing:
+            return True
+        msg = str(record.msg)
+        if msg.startswith("Sending process"):
+            self.held.append(record)
+            return False
+        if msg.startswith("failed (exitcode"):
+            local_rank = record.args[1]  # (exitcode, local_rank, pid, binary)
+            if self.box and any(e.get("local_rank") == local_rank for e in _errors(self.box).values()):
+                self.held.clear()
+                return False
+            self.release(logging.getLogger(record.name))
+        return True
+
+    def release(self, logger: logging.Logger) -> None:
+        self.passing = True
+        for record in self.held:
+            logger.handle(record)
+        self.held.clear()
+
+
+def torchrun_main(argv: list[str]) -> int:
+    leave = []
+    if argv and argv[0].startswith(LEAVE_FLAG):
+        leave = [s for s in argv.pop(0)[len(LEAVE_FLAG):].split(",") if s]
+    # A Python handler that does nothing, not SIG_IGN: torchrun lives on, and its workers (new processes)
+    # start with the default action instead of inheriting "ignore", then install their own handlers.
+    for name in leave:
+        signal.signal(signal.Signals[name], lambda signum, frame: None)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    box = os.environ.get(BOX_ENV)
+    hold = _HoldBack(box)
+    logger = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    logger.addFilter(hold)
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        if box and Path(box, f"rank-{rank}.error").exists():
+            return failure.exitcode  # a user error: the launcher prints the workers' line
+        hold.release(logger)
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(torchrun_main(sys.argv[1:]))

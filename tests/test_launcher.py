@@ -15,7 +15,7 @@ CONFIG = str(ROOT / "configs" / "sentiment.yaml")
 
 def test_single_node_torchrun_is_standalone():
     cmd = build_command(LaunchArgs(nproc_per_node=4), CONFIG, ["train.lr=3e-5"])
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:3] == [sys.executable, "-m", "launcher.launch"]  # torchrun, workers keep their signals
     assert "--nproc-per-node=4" in cmd and "--standalone" in cmd and "--max-restarts=0" in cmd
     assert cmd[-5:] == ["-m", "dist_train", "train", CONFIG, "train.lr=3e-5"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_train.data.sources import FORMATS, _check_readable, read_table, require_columns
+from dist_train.data.sources import FORMATS, _check_readable, _first_non_utf8, quiet_datasets, read_table, require_columns
 from dist_train.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".raw")
@@ -41,7 +41,7 @@ def corpus_files(spec: str | list[str], what: str = "data.train") -> list[str]:
             found = [path]
         files.extend(found)
     for path in files:
-        _check_readable(path)
+        _check_readable(path, what)
         if _readable_kind(path) is None:
             raise UserError(f"'{path}': unknown file type '{Path(path).suffix}'; use plain text "
                             f"({', '.join(TEXT_SUFFIXES)}), .jsonl, .tsv, .csv or .parquet")
@@ -68,10 +68,15 @@ def read_corpus(spec: str | list[str], text_column: str, text_unit: str, cache_d
     texts = [f for f in files if _readable_kind(f) == "text"]
     if texts:
         try:
-            parts.append(datasets.load_dataset("text", data_files={"data": [str(Path(f).resolve()) for f in texts]},
-                                               split="data", sample_by=text_unit, cache_dir=cache_dir))
-        except Exception as exc:  # noqa: BLE001 - a reader failure becomes one line naming the files
-            raise UserError(f"{what}: cannot read {', '.join(texts)} as UTF-8 text: {str(exc).splitlines()[0]}") from None
+            with quiet_datasets():
+                parts.append(datasets.load_dataset("text", data_files={"data": [str(Path(f).resolve()) for f in texts]},
+                                                   split="data", sample_by=text_unit, cache_dir=cache_dir))
+        except Exception as exc:  # noqa: BLE001 - a reader failure becomes one line naming the file
+            for path in texts:
+                bad = _first_non_utf8(path)
+                if bad:
+                    raise UserError(f"{what}: '{path}': {bad} is not UTF-8 text; save the file as UTF-8") from None
+            raise UserError(f"{what}: cannot read {', '.join(texts)} as text: {str(exc).splitlines()[0]}") from None
     for path in (f for f in files if _readable_kind(f) == "table"):
         ds = read_table(path, cache_dir)
         require_columns(ds, path, {"data.text_column": text_column})

@@ -6,8 +6,10 @@ in reading becomes one UserError that names the file, and the line where the for
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -34,16 +36,60 @@ def line_of_row(path: str, row: int) -> str:
     return f"row {row + 1}"
 
 
-def _check_readable(path: str) -> None:
+def _check_readable(path: str, what: str | None = None) -> None:
+    """``what``: the config key or option that named the file, said first when given."""
     p = Path(path)
+    where = f"{what}: '{path}'" if what else f"'{path}'"
     if not p.exists():
-        raise UserError(f"'{path}': file not found")
+        parent = next((a for a in p.parents if a.exists()), None)
+        hint = f" ('{parent}' is a file)" if parent is not None and not parent.is_dir() else ""
+        raise UserError(f"{where}: file not found{hint}")
     if p.is_dir():
-        raise UserError(f"'{path}': is a folder; give a data file")
+        raise UserError(f"{where}: is a folder; give a data file")
     if not os.access(p, os.R_OK):
-        raise UserError(f"'{path}': cannot read the file (permission denied)")
+        raise UserError(f"{where}: cannot read the file (permission denied)")
     if p.stat().st_size == 0:
-        raise UserError(f"'{path}': the file is empty")
+        raise UserError(f"{where}: the file is empty")
+
+
+def check_data_files(data, task: str = "classification") -> None:
+    """Every data file that ``data`` (a DataConfig) names exists and can be read, without loading any: what
+    `dist-train launch` checks before it starts a worker. Classification reads one table per split;
+    language modelling paths, globs, folders or lists of these (see ``corpus_files``)."""
+    from dist_train.data.corpus import corpus_files
+
+    for split in ("train", "validation", "test"):
+        spec = getattr(data, split)
+        if spec is None:
+            continue
+        if task == "classification":
+            _check_readable(spec, f"data.{split}")
+            file_format(spec)
+        else:
+            corpus_files(spec, f"data.{split}")
+
+
+def _first_non_utf8(path: str) -> str | None:
+    """``line N: byte 0x.. at column C`` for the first line that is not UTF-8, or None."""
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return f"line {number}: byte 0x{line[exc.start]:02x} at column {exc.start + 1}"
+    return None
+
+
+def _check_delimiter(path: str, fmt: str) -> None:
+    """A .tsv whose header has commas and no tab (or a .csv the other way round) is the other format."""
+    with open(path, "rb") as fh:
+        header = fh.readline().decode("utf-8", errors="replace")
+    if fmt == "tsv" and "\t" not in header and "," in header:
+        raise UserError(f"'{path}': the header has commas and no tabs: the file looks comma-separated; "
+                        "rename it to .csv (or separate its columns with tabs)")
+    if fmt == "csv" and "," not in header and "\t" in header:
+        raise UserError(f"'{path}': the header has tabs and no commas: the file looks tab-separated; "
+                        "rename it to .tsv (or separate its columns with commas)")
 
 
 def _first_bad_json_line(path: str) -> str:
@@ -75,11 +121,28 @@ def _explain(path: str, fmt: str, exc: BaseException) -> str:
             return f"'{path}': the file has no header or rows"
     if "corresponds to no data" in text:
         return f"'{path}': has a header but no rows"
+    if fmt != "parquet":
+        bad = _first_non_utf8(path)
+        if bad:
+            return f"'{path}': {bad} is not UTF-8 text; save the file as UTF-8"
     if fmt == "json":
         return f"'{path}': {_first_bad_json_line(path)}"
     if "utf-8" in text.lower() or isinstance(root, UnicodeDecodeError):
         return f"'{path}': not UTF-8 text ({text.splitlines()[0]})"
     return f"'{path}': cannot be read as {fmt}: {text.splitlines()[0]}"
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """datasets logs a reader's failure ("Failed to read file ...") before it raises: our one line says it."""
+    import datasets
+
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(max(level, logging.ERROR))
 
 
 def read_table(path: str, cache_dir: str | None = None):
@@ -88,15 +151,17 @@ def read_table(path: str, cache_dir: str | None = None):
 
     _check_readable(path)
     fmt = file_format(path)
+    if fmt in ("tsv", "csv"):
+        _check_delimiter(path, fmt)
     builder, kwargs = fmt, {}
     if fmt == "tsv":
         # Plain tab-separated text: quotes are ordinary characters (the seed's sentences contain them).
         builder, kwargs = "csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
     try:
-        ds = datasets.load_dataset(builder, data_files={"data": str(Path(path).resolve())}, split="data",
-                                   cache_dir=cache_dir, **kwargs)
+        with quiet_datasets():
+            ds = datasets.load_dataset(builder, data_files={"data": str(Path(path).resolve())}, split="data",
+                                       cache_dir=cache_dir, **kwargs)
     except Exception as exc:  # noqa: BLE001 - every reader failure becomes one clear line
         raise UserError(_explain(path, fmt, exc)) from None
     if len(ds) == 0:
