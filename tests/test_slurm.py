@@ -1,11 +1,14 @@
 """SLURM: `dist-train submit` against a real local cluster (slurm/local-cluster.sh; `.ci/run` starts it).
 
-Jobs are tiny CPU runs. The cluster tests skip, saying why, where no SLURM cluster answers.
+Jobs are tiny CPU runs. Where no SLURM cluster answers, the cluster tests skip and say why (`make test` on a
+machine without SLURM) - except under CI (``CI=true``, which `.ci/run` sets): there they fail, so a cluster
+that did not start can never turn CI green with these tests unrun.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -30,7 +33,27 @@ def cluster_up() -> str | None:
     return None
 
 
-needs_cluster = pytest.mark.skipif(cluster_up() is not None, reason=str(cluster_up()))
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def skip_or_fail(why: str) -> None:
+    """Skip with the reason; under CI, fail instead (CI must really run the cluster tests)."""
+    if in_ci():
+        pytest.fail(f"CI={os.environ['CI']}: {why}; in CI the SLURM tests must run, not skip", pytrace=False)
+    pytest.skip(why)
+
+
+CLUSTER_MISSING = cluster_up()
+
+
+@pytest.fixture
+def slurm_cluster():
+    if CLUSTER_MISSING is not None:
+        skip_or_fail(CLUSTER_MISSING)
+
+
+needs_cluster = pytest.mark.usefixtures("slurm_cluster")
 
 
 def job_state(job_id: str) -> dict:
@@ -133,7 +156,7 @@ def test_more_processes_than_granted_fail_fast_with_a_clear_message(job_config):
 def test_two_nodes_train_as_one_world(job_config, tmp_path):
     nodes = subprocess.run(["sinfo", "-h", "-o", "%D"], capture_output=True, text=True).stdout.split()
     if sum(map(int, nodes)) < 2:
-        pytest.skip("the cluster has one node (start it with LOCAL_SLURM_NODES=2 slurm/local-cluster.sh start)")
+        skip_or_fail("the cluster has one node (start it with LOCAL_SLURM_NODES=2 slurm/local-cluster.sh start)")
     job, log = submit(job_config, "--nodes", "2", "--nproc-per-node", "1", "--time", "00:10:00", "engine.kind=ddp")
     state = wait_for_job(job)
     text = open(log).read()
