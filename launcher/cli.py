@@ -75,6 +75,12 @@ def cmd_submit(args) -> int:
     if args.dry_run:
         print(render(sargs), end="")
         return 0
+    # The job would find these only once it starts, maybe hours later.
+    from dist_train.data.sources import check_data_files
+    from dist_train.run_dir import check_writable
+
+    check_writable(Path(cfg.output_dir))
+    check_data_files(cfg.data, cfg.task.name)
     job_id, log = submit(sargs)
     print(f"submitted job {job_id}; log: {log}; output: {sargs.output_dir}/job-{job_id}")
     return 0
@@ -321,12 +327,19 @@ def main(argv: list[str] | None = None) -> int:
     except errors.UserError as exc:
         return _report(exc)
     except stop_requested as exc:
-        print(f"dist-train: stopped by {exc.signal_name} before training started; nothing to save",
-              file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"dist-train: stopped by {exc.signal_name} before training started; nothing to save",
+                  file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
         print("dist-train: interrupted", file=sys.stderr, flush=True)
         return 130
+    except Exception:
+        from launcher.launch import peer_error
+
+        if args.command == "train" and peer_error():
+            return 1  # this rank failed because another stopped on bad input; the launcher prints that line
+        raise
 
 
 if __name__ == "__main__":

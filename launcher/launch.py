@@ -18,6 +18,7 @@ workers handle left to them (see ``torchrun_main``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from dist_train.errors import UserError
 BOX_ENV = "DIST_TRAIN_LAUNCH_BOX"
 LEAVE_FLAG = "--leave-to-workers="
 TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # what torchrun itself handles by default
+INTERRUPTED = 130  # a worker's exit status after Ctrl-C (saved and stopped, or nothing to save yet)
 
 
 @dataclass
@@ -187,9 +189,26 @@ def write_error(rank: str, exit_code: int, message: str) -> bool:
     box = os.environ.get(BOX_ENV)
     if not box or not os.path.isdir(box):
         return False
-    record = {"exit_code": exit_code, "message": message, "local_rank": int(os.environ.get("LOCAL_RANK", rank))}
-    Path(box, f"rank-{rank}.error").write_text(json.dumps(record))
+    Path(box, f"rank-{rank}.error").write_text(json.dumps({"exit_code": exit_code, "message": message}))
     return True
+
+
+def peer_error(wait_s: float = 3.0) -> bool:
+    """In a worker under `dist-train launch` that failed unexpectedly: whether another rank stopped on a
+    user error, waiting up to ``wait_s`` for its line. (A rank that stops on bad input ends its process
+    group on the way out; the ranks waiting on it then fail with "connection closed": not news to the user.)"""
+    import time
+
+    box = os.environ.get(BOX_ENV)
+    if not box or not os.path.isdir(box) or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    deadline = time.monotonic() + wait_s
+    while True:
+        if _errors(box):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
 
 
 def _errors(box: str) -> dict[int, dict]:
@@ -235,21 +254,38 @@ def run_workers(cmd: list[str], env: dict[str, str], stop_signals: list[str]) ->
     import subprocess
 
     passed_on = [signal.Signals[name] for name in dict.fromkeys([*stop_signals, "SIGINT"])]
+    requested: dict[int, set[int]] = {}  # signal -> the workers it has reached
     with tempfile.TemporaryDirectory(prefix="dist-train-launch-") as box:
+        def deliver() -> None:
+            # A worker that registers later (still starting, or restarted by torchrun) gets it then.
+            for signum, reached in requested.items():
+                for pid in set(_worker_pids(box)) - reached:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signum)
+                    reached.add(pid)
+
         def pass_on(signum, frame) -> None:
-            for pid in _worker_pids(box):
-                try:
-                    os.kill(pid, signum)
-                except ProcessLookupError:
-                    pass
+            requested[signum] = set()  # (again to every worker: a second Ctrl-C is a second request)
+            deliver()
+
+        def shut_down(signum, frame) -> None:
+            proc.send_signal(signum)  # not a stop signal: torchrun ends the workers (as it would without us)
 
         # Ignored while the child starts (it inherits that; torchrun's wrapper replaces it), then passed on.
-        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in passed_on}
+        ended = [sig for sig in (signal.SIGTERM, signal.SIGHUP) if sig not in passed_on]
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in [*passed_on, *ended]}
         try:
             proc = subprocess.Popen(cmd, env={**env, BOX_ENV: box})
             for sig in passed_on:
                 signal.signal(sig, pass_on)
-            rc = proc.wait()
+            for sig in ended:
+                signal.signal(sig, shut_down)
+            while True:
+                try:
+                    rc = proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    deliver()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -257,15 +293,13 @@ def run_workers(cmd: list[str], env: dict[str, str], stop_signals: list[str]) ->
     if rc != 0 and errors:
         for line in error_lines(errors):
             print(line, file=sys.stderr, flush=True)
-        first = next(iter(errors.values()))["exit_code"]
-        return first if rc == first else rc
     return rc
 
 
 # -- python -m launcher.launch: torchrun, with the workers' signals left to them ---------------------------
 class _HoldBack(logging.Filter):
-    """torchrun's log lines about a worker group that ends on a user error: held back, and dropped when the
-    first failure was a user error (the launcher prints that line instead), else let through as usual."""
+    """torchrun's log lines about a worker group that ends: held back until its failure is known, dropped
+    when a worker stopped on a user error (the launcher prints that line instead), else let through."""
 
     def __init__(self, box: str | None):
         super().__init__()
@@ -279,8 +313,7 @@ class _HoldBack(logging.Filter):
             self.held.append(record)
             return False
         if msg.startswith("failed (exitcode"):
-            local_rank = record.args[1]  # (exitcode, local_rank, pid, binary)
-            if self.box and any(e.get("local_rank") == local_rank for e in _errors(self.box).values()):
+            if record.args[0] == INTERRUPTED or (self.box and _errors(self.box)):
                 self.held.clear()
                 return False
             self.release(logging.getLogger(record.name))
@@ -311,9 +344,11 @@ def torchrun_main(argv: list[str]) -> int:
     try:
         run(parse_args(argv))
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        if box and Path(box, f"rank-{rank}.error").exists():
-            return failure.exitcode  # a user error: the launcher prints the workers' line
+        errors = _errors(box) if box else {}
+        if errors:  # a user error (the other ranks' failures follow from it): the launcher prints its line
+            return next(iter(errors.values()))["exit_code"]
+        if exc.get_first_failure()[1].exitcode == INTERRUPTED:
+            return INTERRUPTED  # stopped by Ctrl-C after saving: the workers said so
         hold.release(logger)
         raise
     return 0

@@ -1,12 +1,17 @@
-"""The launch command's shape (--dry-run) for torchrun and the DeepSpeed launcher."""
+"""The launch command's shape (--dry-run) for torchrun and the DeepSpeed launcher; signals passed on to workers."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import ROOT, assert_user_error, run_cli
+from conftest import ROOT, assert_user_error, run_cli, tiny_config
 from dist_train.errors import UserError
 from launcher.launch import LaunchArgs, build_command
 
@@ -63,3 +68,30 @@ def test_deepspeed_keys_merge_and_conflicts_are_errors():
                                  "engine.deepspeed={zero_optimization: {stage: 3}}"])
     with pytest.raises(UserError, match=r"engine.deepspeed.zero_optimization.stage=3 conflicts with 2"):
         deepspeed_config(clash, world_size=2)
+
+
+def test_torchrun_leaves_the_stop_signals_and_ctrl_c_to_the_workers():
+    cmd = build_command(LaunchArgs(nproc_per_node=2), CONFIG, [], ["SIGUSR1", "SIGTERM"])
+    assert "--leave-to-workers=SIGUSR1,SIGTERM,SIGINT" in cmd
+    assert "--signals-to-handle=SIGHUP,SIGQUIT" in cmd  # torchrun still ends the job on these
+
+
+def test_sigterm_to_the_launcher_saves_a_checkpoint_and_exits_0(tmp_path, sentiment_slice):
+    """Kubernetes and SLURM send SIGTERM before they kill: the workers (not torchrun) must get it, save at
+    their next log step and exit 0 (torchrun on its own would SIGTERM them and SIGKILL them 30 s later)."""
+    cfg = tiny_config(tmp_path, {"train": sentiment_slice["train"]}, train={"max_steps": 100000},
+                      checkpoint={"every_epoch": False}, logging={"every_steps": 1, "tensorboard": False})
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "launch", str(cfg), "--nproc-per-node", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while not (metrics.is_file() and metrics.read_text().strip()):  # training has started
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    step = int(re.search(r"stopped after step (\d+) on request \(SIGTERM", stdout).group(1))
+    assert (tmp_path / "out" / "checkpoints" / f"step-{step}" / "manifest.json").is_file()
+    assert "Traceback" not in stderr
