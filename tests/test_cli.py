@@ -29,8 +29,8 @@ def learned(tmp_path_factory):
         lines.append(f"{' '.join(words)}\t{label}\n")
     (tmp / "train.tsv").write_text("sentence\tlabel\n" + "".join(lines))
     cfg = tiny_config(tmp, {"train": tmp / "train.tsv"}, task={"label_names": ["negative", "positive"]},
-                      train={"epochs": 4, "lr": 3e-3}, logging={"every_steps": 12, "progress_bar": False,
-                                                                 "tensorboard": False})
+                      train={"epochs": 4, "lr": 3e-3}, checkpoint={"every_epoch": False},
+                      logging={"every_steps": 12, "progress_bar": False, "tensorboard": False})
     train(load_config(cfg))
     return tmp / "out" / "final"
 
