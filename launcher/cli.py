@@ -40,8 +40,10 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
+    from dist_train.data.sources import check_data_files
     from dist_train.trainer import train
 
+    check_data_files(cfg.data, cfg.task.name)  # a missing file is named by its key, before any work
     return train(cfg).get("exit_code", 0)
 
 
