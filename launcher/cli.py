@@ -284,13 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-unit", choices=["line", "paragraph", "document"], default="line",
                    help="what one document is in a plain-text file")
     p.set_defaults(func=cmd_tokenizer)
+    parser.commands = sub.choices
     return parser
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     """Options may come before, between or after the positionals of every command (overrides, texts)."""
     parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    commands = parser.commands
     if not argv or argv[0] not in commands:
         return parser.parse_args(argv)  # help, or the error for a missing or unknown command
     args = commands[argv[0]].parse_intermixed_args(argv[1:])
@@ -299,16 +300,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def _report(exc: BaseException) -> int:
-    """The one line for an error the user can fix; under `dist-train launch`, also into the launcher's box
-    (the launcher prints each different line once, instead of every rank printing the same)."""
+    """The one line for an error the user can fix, on stderr; a worker of `dist-train launch` leaves it to
+    the launcher instead, which prints each different line once rather than once per rank."""
     from launcher.launch import write_error
 
-    code = getattr(exc, "exit_code", 2)
-    rank = os.environ.get("RANK", "0")
-    who = f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    line = f"dist-train: {who}error: {' '.join(str(exc).split())}"
-    if not write_error(rank, code, " ".join(str(exc).split())):
-        print(line, file=sys.stderr, flush=True)
+    code, message, rank = getattr(exc, "exit_code", 2), " ".join(str(exc).split()), os.environ.get("RANK", "0")
+    if not write_error(rank, code, message):
+        who = f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"dist-train: {who}error: {message}", file=sys.stderr, flush=True)
     return code
 
 

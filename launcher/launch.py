@@ -312,7 +312,7 @@ class _HoldBack(logging.Filter):
         if msg.startswith("Sending process"):
             self.held.append(record)
             return False
-        if msg.startswith("failed (exitcode"):
+        if msg.startswith("failed (exitcode") and record.args:  # (exitcode, local rank, pid, binary)
             if record.args[0] == INTERRUPTED or (self.box and _errors(self.box)):
                 self.held.clear()
                 return False
@@ -343,15 +343,18 @@ def torchrun_main(argv: list[str]) -> int:
     logger.addFilter(hold)
     try:
         run(parse_args(argv))
+        return 0
     except ChildFailedError as exc:
         errors = _errors(box) if box else {}
         if errors:  # a user error (the other ranks' failures follow from it): the launcher prints its line
+            hold.held.clear()
             return next(iter(errors.values()))["exit_code"]
         if exc.get_first_failure()[1].exitcode == INTERRUPTED:
+            hold.held.clear()
             return INTERRUPTED  # stopped by Ctrl-C after saving: the workers said so
-        hold.release(logger)
         raise
-    return 0
+    finally:
+        hold.release(logger)  # whatever is still held (e.g. after torchrun itself was signalled)
 
 
 if __name__ == "__main__":

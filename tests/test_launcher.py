@@ -95,3 +95,14 @@ def test_sigterm_to_the_launcher_saves_a_checkpoint_and_exits_0(tmp_path, sentim
     step = int(re.search(r"stopped after step (\d+) on request \(SIGTERM", stdout).group(1))
     assert (tmp_path / "out" / "checkpoints" / f"step-{step}" / "manifest.json").is_file()
     assert "Traceback" not in stderr
+
+
+def test_a_crash_under_launch_keeps_its_traceback_and_torchrun_s_report(tmp_path, sentiment_slice):
+    """Only user errors are shortened to one line: a real crash stays diagnosable."""
+    cfg = tiny_config(tmp_path, {"train": sentiment_slice["train"]}, logging={"tensorboard": False})
+    result = subprocess.run([sys.executable, "-m", "launcher", "launch", str(cfg), "--nproc-per-node", "2"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "DIST_TRAIN_FAIL_AT": "1:1"})
+    assert result.returncode == 1
+    assert "RuntimeError: injected failure at step 1" in result.stderr and "Traceback" in result.stderr
+    assert "ChildFailedError" in result.stderr and "rank      : 1" in result.stderr
