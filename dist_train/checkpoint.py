@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import zlib
 from pathlib import Path
 
 import torch
 
-from dist_train.errors import UserError
+from dist_train.errors import RunFailed, UserError
+from dist_train.faults import NONE as NO_FAULTS
 from dist_train.seeding import rng_state, set_rng_state
 
 STATE_FILE = "trainer_state.json"
@@ -43,46 +43,88 @@ def rng_file(rank: int) -> str:
 class CheckpointManager:
     """Saves and loads checkpoints of one run; every rank calls ``save`` and ``load`` together."""
 
-    def __init__(self, output_dir: str | Path, keep_last_n: int, engine, describe=None):
+    def __init__(self, output_dir: str | Path, keep_last_n: int, engine, describe=None, faults=NO_FAULTS):
         """``describe(folder)`` writes the run's ``hf/`` description (rank 0 only)."""
         self.root = Path(output_dir, "checkpoints")
         self.keep_last_n = keep_last_n
         self.engine = engine
         self.describe = describe
+        self.faults = faults
         self.best_step: int | None = None
-        self.kill_in_save = _kill_in_save_step(engine.rank)
 
     def path(self, step: int) -> Path:
         return self.root / f"step-{step}"
 
     def save(self, step: int, state: dict, config_text: str) -> Path:
-        """Save engine state plus ``state`` as ``step-<step>``; returns its folder."""
+        """Save engine state plus ``state`` as ``step-<step>``; returns its folder.
+
+        A complete checkpoint of that step is kept as it is; a damaged one is renamed aside first. A save
+        that fails (disk full, say) on any rank fails on every rank, with its temporary folder removed.
+        """
         final = self.path(step)
-        if final.exists():
-            return final
+        keep = 0.0
+        if self.engine.is_main and final.exists():
+            if verify(final) is None:
+                keep = 1.0
+            else:
+                set_aside(final)
+        if self.engine.all_reduce_sum(torch.tensor([keep], device=self.engine.device)).item() > 0:
+            return final  # rank 0 decides for all: ranks that looked at the folder at different moments agree
         tmp = self.root / f".tmp-step-{step}"
+        problem = self._no_room(tmp)
+        if problem is None:
+            try:
+                if self.engine.is_main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir(parents=True)
+                self.engine.barrier()
+                self.engine.save(tmp)
+                torch.save(rng_state(), tmp / rng_file(self.engine.rank))
+            except OSError as exc:
+                problem = f"writing {tmp} failed: {exc.strerror or exc}"
+        self._agree(problem, tmp)
         if self.engine.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.engine.barrier()
-        self.engine.save(tmp)
-        torch.save(rng_state(), tmp / rng_file(self.engine.rank))
-        self.engine.barrier()
-        if self.engine.is_main:
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-            (tmp / CONFIG_FILE).write_text(config_text)
-            if self.describe:
-                self.describe(tmp / HF_DIR)
-            if step == self.kill_in_save:  # test hook: die with the checkpoint half written
-                os.kill(os.getpid(), signal.SIGKILL)
-            write_manifest(tmp)
-            _fsync_tree(tmp)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            _write_atomic(self.root / LATEST, final.name)
-            self._rotate()
+            try:
+                self._complete(tmp, final, step, state, config_text)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise RunFailed(_disk_message(f"writing {tmp} failed: {exc.strerror or exc}", self.root)) from None
         self.engine.barrier()
         return final
+
+    def _complete(self, tmp: Path, final: Path, step: int, state: dict, config_text: str) -> None:
+        """Rank 0: the run's own files, the manifest, then the atomic rename and ``latest``."""
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        (tmp / CONFIG_FILE).write_text(config_text)
+        if self.describe:
+            self.describe(tmp / HF_DIR)
+        self.faults.in_save(step)
+        write_manifest(tmp)
+        _fsync_tree(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        _write_atomic(self.root / LATEST, final.name)
+        self._rotate()
+
+    def _no_room(self, tmp: Path) -> str | None:
+        """Whether this rank's disk lacks room for a checkpoint the size of the newest one."""
+        previous = next(iter(complete(self.root)), None)
+        if previous is None:
+            return None
+        need = sum(size for size, _ in _manifest(previous).values())
+        free = shutil.disk_usage(self.root).free
+        if free < need:
+            return f"checkpoint needs about {need / 2**20:.0f} MB (the size of {previous.name}) but {free / 2**20:.0f} MB are free"
+        return None
+
+    def _agree(self, problem: str | None, tmp: Path) -> None:
+        """One rank's failure is every rank's: all raise together instead of waiting for each other."""
+        failed = self.engine.all_reduce_sum(torch.tensor([float(problem is not None)], device=self.engine.device))
+        if failed.item() == 0:
+            return
+        if self.engine.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise RunFailed(_disk_message(problem or "another rank could not write its part of the checkpoint", self.root))
 
     def load(self, folder: Path, weights_only: bool = False) -> dict:
         """Restore the engine (and, unless ``weights_only``, this rank's random states); returns trainer state."""
@@ -93,8 +135,33 @@ class CheckpointManager:
                 set_rng_state(torch.load(mine, weights_only=True))
         return read_state(folder)
 
+    def load_weights_verified(self, step: int) -> str | None:
+        """Load checkpoint ``step``'s weights after checking its manifest (on every rank, agreed); returns
+        what was wrong (the checkpoint is then renamed aside and nothing is loaded), or None."""
+        folder = self.path(step)
+        problem = verify(folder) if self.engine.is_main else None
+        bad = self.engine.all_reduce_sum(torch.tensor([float(problem is not None)], device=self.engine.device))
+        if bad.item() > 0:
+            if self.engine.is_main:
+                set_aside(folder)
+            return problem or "damaged"
+        self.engine.load(folder, weights_only=True)
+        return None
+
     def mark_best(self, step: int) -> None:
         self.best_step = step
+
+    def repair(self) -> None:
+        """Rank 0 at exit: no half-written folder survives, and ``latest`` names the newest complete one."""
+        if not self.root.is_dir():
+            return
+        for stale in [*self.root.glob(".tmp-step-*"), *self.root.glob(".universal-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        (self.root / (LATEST + ".tmp")).unlink(missing_ok=True)
+        newest = next(iter(complete(self.root)), None)
+        latest = self.root / LATEST
+        if newest is not None and (not latest.is_file() or latest.read_text() != newest.name):
+            _write_atomic(latest, newest.name)
 
     def _rotate(self) -> None:
         steps = [step_of(p) for p in checkpoints(self.root)]
@@ -106,6 +173,24 @@ class CheckpointManager:
                 shutil.rmtree(self.path(step), ignore_errors=True)
         for stale in self.root.glob(".tmp-step-*"):  # leftovers of a save that was killed
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint to ``step-N.damaged`` (kept for inspection; never resumed from)."""
+    target = folder.with_name(folder.name + ".damaged")
+    n = 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"{folder.name}.damaged{n}")
+    os.replace(folder, target)
+    return target
+
+
+def _disk_message(problem: str, root: Path) -> str:
+    full = "No space left" in problem or "needs about" in problem
+    what = "disk full" if full else "cannot save a checkpoint"
+    return (f"{what}: {problem} on {root}; free space (or lower checkpoint.keep_last_n) and continue with "
+            "checkpoint.resume=auto")
 
 
 # -- reading and checking ------------------------------------------------------------------------------
@@ -127,6 +212,15 @@ def write_manifest(folder: Path) -> None:
     files = {str(p.relative_to(folder)): [p.stat().st_size, _crc32(p)]
              for p in sorted(folder.rglob("*")) if p.is_file()}
     (folder / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1))
+
+
+def complete(root: Path) -> list[Path]:
+    """Checkpoints under ``root`` that finished saving (their manifest exists), newest first."""
+    return [p for p in checkpoints(root) if (p / MANIFEST_FILE).is_file()]
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((Path(folder) / MANIFEST_FILE).read_text())["files"]
 
 
 def verify(folder: Path) -> str | None:
@@ -193,7 +287,3 @@ def _fsync_tree(folder: Path) -> None:
     _fsync_dir(folder)
 
 
-def _kill_in_save_step(rank: int) -> int:
-    """Test hook: DIST_TRAIN_KILL_IN_SAVE=STEP kills rank 0 (SIGKILL) while it writes checkpoint STEP."""
-    value = os.environ.get("DIST_TRAIN_KILL_IN_SAVE", "")
-    return int(value) if value.isdigit() and rank == 0 else -1

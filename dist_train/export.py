@@ -9,12 +9,13 @@ from any training checkpoint, whatever engine wrote it, in one process and witho
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from dist_train.errors import UserError
+from dist_train.errors import RunFailed, UserError
 
 META_FILE = "dist_train.json"
 
@@ -34,6 +35,39 @@ def export_model(model, tokenizer, out_dir: str | Path, labels=None, meta: dict 
         labels.save(out)
     if meta:
         (out / META_FILE).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def export_meta(cfg) -> dict:
+    """What dist-train's own eval/predict read back from an exported folder."""
+    return {"task": cfg.task.name, "text_column": cfg.data.text_column,
+            "text_pair_column": cfg.data.text_pair_column, "label_column": cfg.data.label_column,
+            "max_length": cfg.data.max_length, "text_unit": cfg.data.text_unit,
+            "mlm_probability": cfg.task.mlm_probability, "whole_word_mask": cfg.task.whole_word_mask}
+
+
+def nonfinite(state_dict: dict) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf."""
+    return [k for k, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def publish(model, tokenizer, out_dir: str | Path, labels=None, meta: dict | None = None,
+            state_dict: dict | None = None) -> Path:
+    """Export to ``out_dir`` without ever leaving less than there was: the weights are checked to be
+    finite, the folder is written beside it and swapped in; an earlier export is removed only then."""
+    bad = nonfinite(state_dict if state_dict is not None else model.state_dict())
+    if bad:
+        raise RunFailed(f"the final weights hold non-finite values ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
+                        f"nothing was exported to {out_dir}; lower train.lr or resume from an earlier checkpoint")
+    out = Path(out_dir)
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    export_model(model, tokenizer, tmp, labels, meta, state_dict=state_dict)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -73,8 +107,18 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
         raise UserError(f"export: checkpoint weights do not fit the model (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]})")
     model.tie_weights()
-    shutil.copytree(description, out, dirs_exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    bad = nonfinite(state_dict)
+    if bad:
+        raise UserError(f"export: checkpoint '{folder}' holds non-finite weights ({', '.join(bad[:3])}); "
+                        "export an earlier checkpoint")
+    # Written beside the target and renamed into place: an interrupted export leaves no half folder.
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(description, tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    os.replace(tmp, out)
     return out
 
 

@@ -9,11 +9,8 @@ example of the epoch is skipped or repeated, and nothing is replayed to get ther
 from __future__ import annotations
 
 import math
-import sys
-import zlib
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from dist_train.checkpoint import CONFIG_FILE, STATE_FILE, checkpoints, require_valid, verify
@@ -29,11 +26,12 @@ ADJUSTABLE = ("output_dir", "overwrite", "data.train", "data.validation", "data.
 FIXED = ("engine.zero_stage", "engine.offload_optimizer")
 
 
-def find_checkpoint(cfg: Config) -> Path | None:
-    """The checkpoint ``checkpoint.resume`` asks for, checked against its manifest; None = start fresh."""
+def find_checkpoint(cfg: Config) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The checkpoint ``checkpoint.resume`` asks for, checked against its manifest (None = start fresh), and
+    the damaged ones skipped on the way there with what is wrong with each. Reads only."""
     spec = cfg.checkpoint.resume
     if spec is None:
-        return None
+        return None, []
     if spec == "auto":
         return newest_valid(Path(cfg.output_dir, "checkpoints"))
     path = Path(spec).expanduser()
@@ -42,22 +40,23 @@ def find_checkpoint(cfg: Config) -> Path | None:
                         "a run's output_dir, or 'auto'")
     if not (path / STATE_FILE).is_file() and not (path / "manifest.json").is_file():
         root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        found = newest_valid(root)
+        found, damaged = newest_valid(root)
         if found is None:
             raise UserError(f"checkpoint.resume: no complete checkpoint under '{spec}'")
-        return found
+        return found, damaged
     require_valid(path)
-    return path
+    return path, []
 
 
-def newest_valid(root: Path) -> Path | None:
-    """The newest checkpoint under ``root`` whose files match its manifest; damaged ones are reported."""
+def newest_valid(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint under ``root`` whose files match its manifest, and the newer damaged ones."""
+    damaged = []
     for folder in checkpoints(root):
         problem = verify(folder)
         if problem is None:
-            return folder
-        print(f"dist-train: warning: skipping checkpoint {folder}: {problem}", file=sys.stderr, flush=True)
-    return None
+            return folder, damaged
+        damaged.append((folder, problem))
+    return None, damaged
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -81,14 +80,6 @@ def check_config(folder: Path, cfg: Config) -> None:
         raise UserError(f"checkpoint.resume: the config changed {diffs}{more} since checkpoint '{folder}'; a "
                         "resumed run keeps its model, task, tokenizer, data processing and optimizer - restore "
                         "those values, or start a new run in another output_dir")
-
-
-def data_fingerprint(lengths, labels=None) -> dict:
-    """A cheap identity of the tokenized training set: its size and a CRC of token lengths (and labels)."""
-    crc = zlib.crc32(np.asarray(lengths, dtype=np.int64).tobytes())
-    if labels is not None:
-        crc = zlib.crc32(np.asarray(labels, dtype=np.int64).tobytes(), crc)
-    return {"examples": len(lengths), "crc32": crc}
 
 
 def check_data(folder: Path, saved: dict, now: dict) -> None:
@@ -115,8 +106,9 @@ def steps_left(epochs: float, batches_per_epoch: int, window: int, epoch: int, d
     return left
 
 
-def check_engine(folder: Path, saved: dict, engine_format: str) -> None:
-    if saved["engine"] != engine_format:
+def check_engine(folder: Path, saved: dict, engine) -> None:
+    """The engine must read the checkpoint's format (the registry's answer, not a list kept here)."""
+    if not engine.can_resume(saved["engine"]):
         raise UserError(f"checkpoint '{folder}' was written by the {saved['engine']} engine and cannot continue "
-                        f"on the {engine_format} engine; resume with the engine.kind it was trained with "
+                        f"on the {engine.checkpoint_format} engine; resume with the engine.kind it was trained with "
                         "(single and ddp share a format), or `dist-train export` it and start a new run from that")

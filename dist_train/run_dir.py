@@ -9,8 +9,8 @@ Guarantees (a failure never leaves less than there was):
   dead process of this host, or by an earlier attempt of the same SLURM job or torchrun run, is replaced
   with a message; a live one stops the second run at once.
 - ``overwrite=true`` never deletes first: the old run's files are moved into ``.previous/`` inside the
-  folder, deleted once the new run has finished its first optimizer step, and moved back if the new run
-  ends before that.
+  folder, deleted once the new run has saved its first checkpoint (it can then be resumed), and moved back
+  if the new run ends before that - failed, diverged or stopped.
 """
 
 from __future__ import annotations
@@ -176,19 +176,40 @@ class RunDir:
                 os.replace(self.out / name, aside / name)
 
     def drop_previous(self) -> None:
-        """The new run trains: the old run's files are no longer needed."""
+        """The new run has a checkpoint: the old run's files are no longer needed."""
         _remove(self.out / PREVIOUS)
 
-    def restore_previous(self) -> None:
-        """The new run ended before training: put the old run back in place of what it wrote."""
-        aside = self.out / PREVIOUS
-        if not aside.is_dir():
-            return
+    def abandon(self) -> None:
+        """A fresh run ended before its first optimizer step: remove what it wrote and put the old run
+        (if one was set aside) back, so that the folder is as it was."""
         for name in RUN_FILES:
             _remove(self.out / name)
-        for item in aside.iterdir():
-            os.replace(item, self.out / item.name)
-        aside.rmdir()
+        aside = self.out / PREVIOUS
+        if aside.is_dir():
+            for item in aside.iterdir():
+                os.replace(item, self.out / item.name)
+            aside.rmdir()
+
+    # -- writing -------------------------------------------------------------------------------------------
+    def write(self, name: str, text: str) -> None:
+        """Write a run file atomically (a reader sees the old or the new text, never half)."""
+        tmp = self.out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, self.out / name)
+
+    def trim_metrics(self, step: int) -> None:
+        """A resumed run replays what came after its checkpoint: drop those records (and the end-of-run
+        ones, which it writes again)."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and _keep_record(json.loads(line), step)]
+        self.write("metrics.jsonl", "".join(keep))
+
+
+def _keep_record(record: dict, step: int) -> bool:
+    return record["step"] <= step and record["split"] not in ("ranks", "test")
 
 
 def _remove(path: Path) -> None:

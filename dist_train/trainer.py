@@ -1,84 +1,416 @@
-"""The training loop, top to bottom. It talks to one Engine and one Task and never branches on either."""
+"""The training loop, top to bottom. It talks to one Engine and one Task and never branches on either.
+
+    train(cfg) = build -> resume -> for each step: step, log, validate, save -> finish
+
+What surrounds the loop has a module of its own: the run folder (``run_dir``), checkpoints
+(``checkpoint``), what a resume may change (``resume``), stop signals (``stopping``), the export
+(``export``) and the test suite's fault injection (``faults``).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import shutil
-import signal
+import math
+import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from dist_train.checkpoint import CheckpointManager, read_state
+from dist_train import stopping
+from dist_train.checkpoint import CheckpointManager, complete, read_state, set_aside
 from dist_train.config import Config, dump_yaml
 from dist_train.data.sampler import step_windows, train_plan
 from dist_train.engine import build_engine
-from dist_train.errors import UserError
+from dist_train.errors import RunFailed, UserError
 from dist_train.evaluate import evaluate
-from dist_train.export import export_model
+from dist_train.export import export_meta, export_model, publish
+from dist_train.faults import Faults
 from dist_train.metrics import MetricsSink, peak_memory_mb, peak_tflops, summary_line
 from dist_train.optim import build_optimizer, build_scheduler
 from dist_train.resume import check_config, check_data, check_engine, find_checkpoint, steps_left
+from dist_train.run_dir import RunDir, preflight
 from dist_train.seeding import seed_everything
-from dist_train.stopping import StopSignals
 from dist_train.tasks import build_task
-
-RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "final", "eval_report.json")
-
-
-def check_output_dir(cfg: Config, resume_from: Path | None) -> Path:
-    """Refuse to mix a new run into an old one unless ``overwrite`` is set (nothing is lost by accident)."""
-    out = Path(cfg.output_dir)
-    if resume_from is not None:
-        return out
-    existing = [name for name in RUN_FILES if (out / name).exists()]
-    # resume=auto that found no checkpoint starts fresh over what an early-killed attempt left behind;
-    # a finished run or damaged checkpoints are never replaced without overwrite.
-    leftovers_only = cfg.checkpoint.resume == "auto" and not (out / "final").exists() and not any(
-        (out / "checkpoints").glob("step-*"))
-    if existing and not cfg.overwrite and not leftovers_only:
-        raise UserError(f"output_dir '{out}' already holds a run ({', '.join(existing)}); choose another "
-                        "output_dir=..., pass checkpoint.resume=auto to continue it, or overwrite=true to replace it")
-    return out
+from dist_train.train_state import TrainState
 
 
-def prepare_output_dir(out: Path, cfg: Config, resumed_step: int | None) -> None:
-    """Fresh run: clear the run files. Resumed run: drop the records written after the checkpoint."""
-    if resumed_step is None:
-        for name in RUN_FILES:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    else:
-        metrics = out / "metrics.jsonl"
-        if metrics.is_file():
-            # Records after the checkpoint are replayed by the resumed run; end-of-run records are rewritten.
-            keep = [line for line in metrics.read_text().splitlines(keepends=True)
-                    if _keep_record(json.loads(line), resumed_step)]
-            metrics.write_text("".join(keep))
-        for name in ("final", "eval_report.json"):
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_yaml(cfg))
+def train(cfg: Config) -> dict:
+    """Fine-tune (or train from scratch) as ``cfg`` says; returns the final reports by split."""
+    with Run(cfg) as run:
+        run.build()
+        run.resume()
+        for micro in run.batches():
+            epoch_end = run.step(micro)
+            # At a step boundary, in one order: log, validate, checkpoint (last, so that a resumed run
+            # continues after all of it), then stop if a stop signal reached any rank.
+            if run.log_due():
+                run.log()
+            if run.validation_due(epoch_end):
+                run.validate()
+            if run.save_due(epoch_end):
+                run.save()
+            if run.stop_now:
+                return run.stop()
+        return run.finish()
 
 
-def _keep_record(record: dict, step: int) -> bool:
-    return record["step"] <= step and record["split"] not in ("ranks", "test")
+class Run:
+    """One run's parts and position; each phase of ``train`` is one method."""
 
+    def __init__(self, cfg: Config):
+        self.cfg, self.t = cfg, cfg.train
+        self.signals = stopping.install(cfg.checkpoint.stop_signals)
+        self.teardown = contextlib.ExitStack()
+        self.run_dir = RunDir(cfg.output_dir)
+        self.engine = self.sink = self.bar = None
+        self.claimed = self.committed = self.trained = self.stop_now = False
+        self.reports: dict = {}
+        self.started = time.perf_counter()
 
-def fault_injection(rank: int) -> tuple[int, bool]:
-    """Test hook: DIST_TRAIN_FAIL_AT=RANK:STEP[:kill] makes that rank raise (or die by SIGKILL) after that
-    optimizer step, in the first attempt only (torchrun's restarts resume past it)."""
-    spec = os.environ.get("DIST_TRAIN_FAIL_AT", "").split(":")
-    if len(spec) < 2 or int(spec[0]) != rank or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return -1, False
-    return int(spec[1]), spec[2:] == ["kill"]
+    def __enter__(self) -> "Run":
+        self.teardown.callback(stopping.uninstall)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Every exit path: sinks closed, half-written files removed, the lock released, handlers restored
+        and the process group destroyed (in that order, each even if another fails)."""
+        self.teardown.close()
+
+    # -- build: every check before any write ----------------------------------------------------------------
+    def build(self) -> None:
+        """Engine, the checkpoint to resume, the run folder's lock, data and model."""
+        cfg = self.cfg
+        self.engine = e = build_engine(cfg)
+        self.teardown.callback(e.close)
+        self.faults = Faults.from_env(e.rank)
+        self.resume_from, self.damaged = find_checkpoint(cfg)
+        self.saved = read_state(self.resume_from) if self.resume_from is not None else None
+        if self.saved is not None:
+            check_config(self.resume_from, cfg)  # before any work: a changed model or task fails at once
+            check_engine(self.resume_from, self.saved, e)
+        preflight(cfg, resuming=self.saved is not None)
+        if e.is_main:
+            self.run_dir.lock()  # a second run into this folder stops here, at once
+            self.teardown.callback(self.run_dir.unlock)
+        self.faults.at_phase("setup")
+        self._prepare_data()
+        self._build_model()
+
+    def _prepare_data(self) -> None:
+        cfg, e = self.cfg, self.engine
+        self.task = task = build_task(cfg)
+        self.metric = cfg.checkpoint.metric or task.metrics[0]
+        if self.metric not in task.metrics:
+            raise UserError(f"checkpoint.metric '{self.metric}' is not a {task.name} metric; "
+                            f"choose one of: {', '.join(task.metrics)}")
+        self.maximize = (cfg.checkpoint.mode or ("min" if self.metric in ("loss", "perplexity") else "max")) == "max"
+        # Rank 0 trains the tokenizer and tokenizes into the cache while the others wait (bounded by
+        # engine.timeout_s), then they load both from the cache.
+        if not e.is_main:
+            e.barrier()
+        self.tokenizer = task.load_tokenizer()
+        self.splits = task.prepare(self.tokenizer)
+        if e.is_main:
+            e.barrier()
+        self.lengths = task.lengths(self.splits.train)
+        self.fingerprint = task.fingerprint(self.splits.train)
+        if self.saved is not None:
+            check_data(self.resume_from, self.saved["data"], self.fingerprint)
+
+    def _build_model(self) -> None:
+        cfg, t, e = self.cfg, self.t, self.engine
+        seed_everything(t.seed)
+        model = self.task.build_model()  # a model that does not fit the data is an error, before any write
+        self.window = t.grad_accum * e.world_size
+        self.state = s = TrainState(metric=self.metric, world_size=e.world_size, window=self.window,
+                                    engine=e.checkpoint_format, data=self.fingerprint)
+        if self.saved is not None:
+            s.load_state_dict(self.saved)
+        self.plan_len = -(-len(self.lengths) // t.micro_batch_size)  # micro-batches in an epoch's plan
+        s.total_steps = t.max_steps if t.max_steps > 0 else s.step + steps_left(
+            t.epochs, self.plan_len, self.window, s.epoch, s.batches_done)
+        e.prepare(model, lambda m: build_optimizer(m, t), lambda opt: build_scheduler(opt, t, s.total_steps))
+
+        def describe(folder):  # what export needs besides the weights
+            export_model(e.unwrapped, self.tokenizer, folder, self.task.labels, export_meta(cfg), weights=False)
+
+        self.ckpt = CheckpointManager(cfg.output_dir, cfg.checkpoint.keep_last_n, e, describe, self.faults)
+        # Running sums since the last log line, kept on device: no host sync on ordinary steps.
+        self.acc = torch.zeros(4, dtype=torch.float64, device=e.device)  # loss sum, count, examples, tokens
+        self.nonfinite = torch.zeros(1, dtype=torch.float64, device=e.device)  # bad steps seen (not skipped)
+        self.first_bad = torch.full((3,), -1.0, dtype=torch.float64, device=e.device)  # step, loss, grad norm
+        self.step_t = torch.full((), float(s.step), dtype=torch.float64, device=e.device)
+        self.stop_votes = self.grad_norm = self.acc.new_zeros(())
+
+    # -- resume, then claim the folder ------------------------------------------------------------------
+    def resume(self) -> None:
+        """Continue exactly where the checkpoint was taken; only then is anything in output_dir changed."""
+        e, s = self.engine, self.state
+        if self.saved is not None:
+            # Model, optimizer, scheduler and this rank's RNG continue exactly; the log sums (global) go to rank 0.
+            load_start = time.perf_counter()
+            self.ckpt.load(self.resume_from)
+            load_s = time.perf_counter() - load_start
+            self.ckpt.best_step = s.best_step
+            if e.is_main:
+                self.acc += torch.tensor(s.log_sums, dtype=torch.float64, device=e.device)
+                print(self._resume_line(load_s), flush=True)
+        self.signals.phase = "train"  # from here a stop signal is a request to save and stop
+        self._claim_output()
+
+    def _resume_line(self, load_s: float) -> str:
+        s, saved, e = self.state, self.saved, self.engine
+        moved = "" if saved["world_size"] == e.world_size and saved["window"] == self.window else (
+            f"; world {saved['world_size']} x accumulation {saved['window'] // saved['world_size']} -> "
+            f"world {e.world_size} x accumulation {self.t.grad_accum}, the rest of the epoch re-cut")
+        size_mb = sum(f.stat().st_size for f in self.resume_from.rglob("*") if f.is_file()) / 2**20
+        return (f"dist-train: resuming from {self.resume_from} at step {s.step} (epoch {s.epoch}, batch "
+                f"{s.batches_done} of {self.plan_len}){moved}; loaded {size_mb:.0f} MB in {load_s:.2f} s")
+
+    def _claim_output(self) -> None:
+        """Rank 0 writes the run's files. A fresh run keeps an earlier run aside (run_dir) until it trains."""
+        cfg, e, rd = self.cfg, self.engine, self.run_dir
+        if e.is_main:
+            self.teardown.callback(self._leave_output)
+            if self.saved is None:
+                self.claimed = True
+                rd.set_aside()
+            else:
+                for folder, problem in self.damaged:
+                    print(f"dist-train: warning: skipping checkpoint {folder}: {problem}; renamed it to "
+                          f"{set_aside(folder).name}", file=sys.stderr, flush=True)
+                rd.trim_metrics(self.state.step)
+            rd.write("config.yaml", dump_yaml(cfg))
+            self.sink = MetricsSink(cfg.output_dir, cfg.logging.tensorboard,
+                                    purge_step=self.state.step + 1 if self.saved else None)
+            self.teardown.callback(self.sink.close)
+        self.bar = tqdm(total=self.state.total_steps, initial=self.state.step, desc="train", unit="step",
+                        mininterval=1.0, disable=not (e.is_main and cfg.logging.progress_bar))
+        self.teardown.callback(self.bar.close)
+        e.barrier()
+        self.last_log = time.perf_counter()
+        # MFU: ~6 FLOPs per parameter per (non-pad) token for forward + backward, against the peak of all ranks.
+        self.flops_per_token = 6 * e.num_parameters()
+        self.peak_flops = peak_tflops(e.device, cfg.logging.peak_tflops) * 1e12 * e.world_size
+        e.train()
+
+    def _leave_output(self) -> None:
+        """Rank 0, at exit: no half-written checkpoint survives and ``latest`` names the newest complete
+        one; a fresh run that ends before its first checkpoint leaves the folder as it found it."""
+        self.ckpt.repair()
+        if self.claimed and not self.committed:
+            self.run_dir.abandon()
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def batches(self):
+        """This rank's micro-batches for each remaining optimizer step, epoch after epoch, from the saved
+        position."""
+        s, t, e = self.state, self.t, self.engine
+        while s.step < s.total_steps:
+            plan = train_plan(self.lengths, t.micro_batch_size, t.seed, s.epoch, self.cfg.data.group_by_length)
+            # Resume mid-epoch: start at the saved position of the plan (a slice, nothing is replayed).
+            todo = step_windows(plan[s.batches_done:], t.grad_accum, e.rank, e.world_size)[:s.total_steps - s.step]
+            loader = iter(self.task.loader(self.splits.train, [b for w in todo for b, _ in w], s.epoch,
+                                           self.cfg.data.num_workers, pin_memory=e.device.type == "cuda"))
+            for local in todo:
+                yield [({k: v.to(e.device, non_blocking=True) for k, v in next(loader).items()}, w)
+                       for _, w in local]
+
+    def step(self, micro: list) -> bool:
+        """One optimizer step over this rank's micro-batches; True when it ends the epoch."""
+        e, task = self.engine, self.task
+        # Loss normalisation: the step's gradient is that of the MEAN loss over every target (example
+        # or token) in the global batch. Each micro-batch contributes sum(loss) / N_global, where
+        # N_global counts targets over all micro-batches and ranks of this step, so a short last
+        # window or uneven padding weighs nothing differently. Filler micro-batches (weight 0) keep
+        # ranks in lockstep and add nothing. (Engines whose gradient all-reduce averages over ranks
+        # rescale by world size inside backward.)
+        counts = [task.count(b) * w for b, w in micro]
+        # One all-reduce carries the global target count and whether any rank was asked to stop.
+        n_global, self.stop_votes = e.all_reduce_sum(torch.stack([sum(counts), counts[0].new_tensor(self.signals.flag)]))
+        n_global = n_global.clamp(min=1)  # a step without targets (e.g. nothing masked) adds zero, not NaN
+        sums = torch.zeros(3, dtype=torch.float64, device=e.device)  # loss sum, examples, tokens
+        for i, (b, w) in enumerate(micro):
+            loss_sum = task.loss_sum(e.forward(**task.inputs(b)), b) * w
+            e.backward(loss_sum / n_global, sync=i == len(micro) - 1)
+            sums += torch.stack([loss_sum.detach().double(), sums.new_tensor(len(b["input_ids"]) * w),
+                                 task.tokens(b).double() * w])
+        self.grad_norm = e.step(skip_nonfinite=self.t.max_nonfinite_steps > 0).to(e.device, torch.float64)
+        self._account(sums, sum(counts), self.grad_norm)
+        self.bar.update(1)
+        if not self.trained:
+            self._first_step_done()
+        epoch_end = self.state.advance(self.window, self.plan_len)
+        self.faults.after_step(self.state.step)
+        return epoch_end
+
+    def _account(self, sums: torch.Tensor, count: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Add the step to the log sums. A step whose loss or (global) gradient norm is not finite adds no
+        loss; it is counted instead, and the run stops at the next log, validation or save (host syncs
+        that happen anyway) - unless train.max_nonfinite_steps lets the engine skip it."""
+        loss, examples, tokens = sums
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        self.acc += torch.stack([torch.where(bad, 0.0, loss), torch.where(bad, 0.0, count), examples, tokens])
+        self.step_t += 1
+        if self.t.max_nonfinite_steps > 0:
+            if bad.item():  # the engine read the norm on the host already: no new sync
+                self.state.skipped_steps += 1
+                if self.state.skipped_steps > self.t.max_nonfinite_steps:
+                    raise self._diverged(self.state.step + 1, loss / count, grad_norm)
+            return
+        self.nonfinite += bad.double()
+        first = bad & (self.first_bad[0] < 0)
+        self.first_bad = torch.where(first, torch.stack([self.step_t, loss / count.clamp(min=1), grad_norm]),
+                                     self.first_bad)
+
+    def _first_step_done(self) -> None:
+        self.trained = True
+        if self.engine.is_main:
+            print(f"dist-train: first optimizer step done {time.perf_counter() - self.started:.2f} s after start",
+                  flush=True)
+
+    def log_due(self) -> bool:
+        s = self.state
+        return s.step % self.cfg.logging.every_steps == 0 or s.step == s.total_steps
+
+    def log(self) -> None:
+        """The log line: sums since the last one over all ranks. Stop requests and non-finite steps are read
+        here, where the host syncs anyway: ordinary steps never wait."""
+        e, s = self.engine, self.state
+        self.stop_now = self.stop_votes.item() > 0
+        loss_sum, count, examples, tokens, bad = e.all_reduce_sum(torch.cat([self.acc, self.nonfinite])).tolist()
+        if bad:
+            raise self._diverged()
+        elapsed = time.perf_counter() - self.last_log
+        s.examples_seen += examples
+        record = {"epoch": s.epoch_progress(self.plan_len), "loss": loss_sum / max(count, 1), "lr": e.lr(),
+                  "grad_norm": float(self.grad_norm), "examples_seen": s.examples_seen,
+                  "examples_per_s": examples / elapsed, "tokens_per_s": tokens / elapsed}
+        if self.peak_flops:
+            record["mfu"] = record["tokens_per_s"] * self.flops_per_token / self.peak_flops
+        if s.skipped_steps:
+            record["skipped_steps"] = s.skipped_steps
+        if self.sink:
+            self.sink.write("train", s.step, record)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        self.acc.zero_()
+        self.last_log = time.perf_counter()
+
+    def validation_due(self, epoch_end: bool) -> bool:
+        every = self.t.eval_every
+        return (every > 0 and self.state.step % every == 0) or (every <= 0 and epoch_end)
+
+    def validate(self) -> None:
+        """Evaluate on validation; a better metric (never NaN) marks the best step and saves it."""
+        s = self.state
+        if self.splits.validation is None:
+            return
+        self.check_finite()
+        s.validated_at = s.step
+        report = evaluate(self.engine, self.task, self.splits.validation, self.t.eval_batch_size)
+        self.reports["validation"] = report
+        if self.sink:
+            self.sink.write("validation", s.step, {"epoch": s.epoch_progress(self.plan_len), **report})
+            self.bar.write(summary_line(f"step {s.step} validation", report))
+        value = report[self.metric]
+        if math.isfinite(value) and (s.best_metric is None or
+                                     (value > s.best_metric if self.maximize else value < s.best_metric)):
+            s.best_metric, s.best_step = value, s.step
+            self.ckpt.mark_best(s.step)
+            self.save()
+
+    def save_due(self, epoch_end: bool) -> bool:
+        every, c = self.cfg.checkpoint.every_steps, self.cfg.checkpoint
+        return (every > 0 and self.state.step % every == 0) or (epoch_end and c.every_epoch) or self.stop_now
+
+    def save(self) -> None:
+        """A checkpoint of this step (a collective), never of non-finite weights."""
+        self.check_finite()
+        self.state.log_sums = self.engine.all_reduce_sum(self.acc).tolist()
+        self.ckpt.save(self.state.step, self.state.state_dict(), dump_yaml(self.cfg))
+        if not self.committed:
+            self.committed = True  # the new run can be resumed: an earlier run set aside (overwrite) may go
+            if self.engine.is_main:
+                self.run_dir.drop_previous()
+
+    def check_finite(self) -> None:
+        if self.engine.all_reduce_sum(self.nonfinite).item() > 0:
+            raise self._diverged()
+
+    def _diverged(self, step=None, loss=None, grad_norm=None) -> RunFailed:
+        """The one-line failure for a non-finite step (every rank raises it alike)."""
+        if step is None:
+            step, loss, grad_norm = self.first_bad.tolist()
+        last = next((p for p in complete(self.ckpt.root)), None)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+        return RunFailed(f"training diverged: step {int(step)} had a non-finite loss or gradient norm (loss "
+                         f"{float(loss):.4g}, gradient norm {float(grad_norm):.4g}); {where}; nothing was exported. "
+                         f"Lower train.lr (now {self.t.lr:g}), or let train.max_nonfinite_steps skip such steps")
+
+    # -- the end ----------------------------------------------------------------------------------------
+    def stop(self) -> dict:
+        """A stop signal reached some rank: the checkpoint of this step is saved (save_due); exit cleanly."""
+        if self.engine.is_main:
+            who = self.signals.received or "a stop signal"
+            print(f"dist-train: stopped after step {self.state.step} on request ({who} on some rank); saved "
+                  f"{self.ckpt.path(self.state.step)}; continue with checkpoint.resume=auto", flush=True)
+        return {"stopped_at": self.state.step, "exit_code": self.signals.exit_code}
+
+    def finish(self) -> dict:
+        """Final validation, checkpoint, best weights, export and test report. A stop signal now waits for
+        them: they are the run's result."""
+        self.signals.phase = "finish"
+        self.faults.at_phase("finish")
+        e, s = self.engine, self.state
+        self.bar.close()
+        if s.validated_at != s.step:
+            self.validate()
+        per_rank = rank_stats(e)
+        if self.sink:
+            self.sink.write("ranks", s.step, per_rank)
+        self.save()
+        self._load_best()
+        self._export()
+        if self.splits.test is not None:
+            self.reports["test"] = report = evaluate(e, self.task, self.splits.test, self.t.eval_batch_size)
+            if e.is_main:
+                self.run_dir.write("eval_report.json", json.dumps(report, indent=2))
+                self.sink.write("test", s.step, report)
+                print(summary_line("test", report), flush=True)
+        if self.signals.received:
+            self.reports["exit_code"] = self.signals.exit_code
+        return self.reports
+
+    def _load_best(self) -> None:
+        s, e = self.state, self.engine
+        if not self.cfg.checkpoint.load_best_at_end or s.best_step is None or s.best_step == s.step:
+            return
+        problem = self.ckpt.load_weights_verified(s.best_step)
+        if not e.is_main:
+            return
+        if problem:
+            print(f"dist-train: warning: the best checkpoint (step {s.best_step}) is damaged ({problem}); it was "
+                  f"renamed aside and final/ holds the weights of the last step ({s.step}) instead", file=sys.stderr,
+                  flush=True)
+        else:
+            self.bar.write(f"loaded the best checkpoint (step {s.best_step}, {self.metric} {s.best_metric:.4f}) "
+                           "for final/")
+
+    def _export(self) -> None:
+        """final/: written beside the old one and swapped in; refused (on every rank) if not finite."""
+        e = self.engine
+        state_dict = e.full_state_dict()
+        failure = None
+        if e.is_main:
+            try:
+                publish(e.unwrapped, self.tokenizer, self.run_dir.out / "final", self.task.labels,
+                        export_meta(self.cfg), state_dict=state_dict)
+            except RunFailed as exc:
+                failure = exc
+        if e.all_reduce_sum(torch.tensor([float(failure is not None)], device=e.device)).item() > 0:
+            raise failure or RunFailed("the final weights are not finite on rank 0; nothing was exported")
 
 
 def rank_stats(engine) -> dict:
@@ -90,228 +422,3 @@ def rank_stats(engine) -> dict:
     table = engine.all_reduce_sum(table).tolist()
     return {"peak_memory_mb": [r[0] for r in table], "param_elements": [int(r[1]) for r in table],
             "optimizer_state_elements": [int(r[2]) for r in table]}
-
-
-def train(cfg: Config) -> dict:
-    """Fine-tune (or train from scratch) as ``cfg`` says; returns the final reports by split."""
-    started = time.perf_counter()
-    engine = build_engine(cfg)
-    t = cfg.train
-    resume_from = find_checkpoint(cfg)
-    if resume_from is not None:
-        check_config(resume_from, cfg)  # before any work: a changed model or task fails at once
-    saved = read_state(resume_from) if resume_from is not None else None
-    if saved is not None:
-        check_engine(resume_from, saved, engine.checkpoint_format)
-    out = check_output_dir(cfg, resume_from)
-
-    # Data first: every data error surfaces before anything is written to output_dir.
-    task = build_task(cfg)
-    metric = cfg.checkpoint.metric or task.metrics[0]
-    if metric not in task.metrics:
-        raise UserError(f"checkpoint.metric '{metric}' is not a {task.name} metric; "
-                        f"choose one of: {', '.join(task.metrics)}")
-    mode = cfg.checkpoint.mode or ("min" if metric in ("loss", "perplexity") else "max")
-    # Rank 0 trains the tokenizer and tokenizes into the cache while the others wait (bounded by
-    # engine.timeout_s), then they load both from the cache.
-    if not engine.is_main:
-        engine.barrier()
-    tokenizer = task.load_tokenizer()
-    splits = task.prepare(tokenizer)
-    lengths = task.lengths(splits.train)
-    fingerprint = task.fingerprint(splits.train)
-    if saved is not None:
-        check_data(resume_from, saved["data"], fingerprint)
-    seed_everything(t.seed)
-    model = task.build_model()  # before output_dir is touched: a model that does not fit the data is an error
-    if engine.is_main:
-        engine.barrier()
-        prepare_output_dir(out, cfg, saved["step"] if saved else None)
-    engine.barrier()
-
-    # Position in the run: optimizer steps done, epoch, and batches of that epoch's plan consumed. One step
-    # consumes a window of `grad_accum x world_size` consecutive plan batches.
-    step, epoch, done = (saved["step"], saved["epoch"], saved["batches_done"]) if saved else (0, 0, 0)
-    window = t.grad_accum * engine.world_size
-    batches_per_epoch = -(-len(lengths) // t.micro_batch_size)
-    total_steps = t.max_steps if t.max_steps > 0 else step + steps_left(t.epochs, batches_per_epoch, window,
-                                                                         epoch, done)
-    optimizer = build_optimizer(model, t)
-    engine.prepare(model, optimizer, build_scheduler(optimizer, t, total_steps))
-
-    def describe(folder: Path) -> None:  # what export needs besides the weights
-        export_model(engine.unwrapped, tokenizer, folder, task.labels, export_meta(cfg), weights=False)
-
-    ckpt = CheckpointManager(out, cfg.checkpoint.keep_last_n, engine, describe)
-    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
-    best, validated_at, seen = None, -1, 0.0
-    # Running sums since the last log line, kept on device: no host sync on ordinary steps.
-    zeros = lambda: torch.zeros(4, dtype=torch.float64, device=engine.device)  # noqa: E731
-    acc = zeros()  # loss sum, loss count, examples, non-pad tokens
-    if saved is not None:
-        # Model, optimizer, scheduler and this rank's RNG continue exactly; the log sums (global) go to rank 0.
-        load_start = time.perf_counter()
-        ckpt.load(resume_from)
-        load_s = time.perf_counter() - load_start
-        ckpt.best_step, best, validated_at = saved["best_step"], saved["best_metric"], saved["validated_at"]
-        seen = saved["examples_seen"]
-        if engine.is_main:
-            acc += torch.tensor(saved["log_sums"], dtype=torch.float64, device=engine.device)
-            moved = "" if saved["world_size"] == engine.world_size and saved["window"] == window else (
-                f"; world {saved['world_size']} x accumulation {saved['window'] // saved['world_size']} -> "
-                f"world {engine.world_size} x accumulation {t.grad_accum}, the rest of the epoch re-cut")
-            size_mb = sum(f.stat().st_size for f in resume_from.rglob("*") if f.is_file()) / 2**20
-            print(f"dist-train: resuming from {resume_from} at step {step} (epoch {epoch}, batch {done} of "
-                  f"{batches_per_epoch}){moved}; loaded {size_mb:.0f} MB in {load_s:.2f} s", flush=True)
-
-    sink = MetricsSink(out, cfg.logging.tensorboard, purge_step=step + 1 if saved else None) if engine.is_main else None
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", mininterval=1.0,
-               disable=not (engine.is_main and cfg.logging.progress_bar))
-    reports: dict = {}
-
-    def state() -> dict:
-        """Everything besides engine and RNG that the run needs to continue from here (a collective)."""
-        return {"step": step, "epoch": epoch, "batches_done": done, "examples_seen": seen,
-                "log_sums": engine.all_reduce_sum(acc).tolist(), "best_metric": best,
-                "best_step": ckpt.best_step, "validated_at": validated_at, "metric": metric,
-                "world_size": engine.world_size, "window": window, "engine": engine.checkpoint_format,
-                "total_steps": total_steps, "data": fingerprint}
-
-    def save() -> None:
-        ckpt.save(step, state(), dump_yaml(cfg))
-
-    def run_validation() -> None:
-        nonlocal best, validated_at
-        if splits.validation is None:
-            return
-        validated_at = step
-        report = evaluate(engine, task, splits.validation, t.eval_batch_size)
-        reports["validation"] = report
-        if sink:
-            sink.write("validation", step, {"epoch": epoch + done / batches_per_epoch, **report})
-            bar.write(summary_line(f"step {step} validation", report))
-        value = report[metric]
-        if best is None or better(value, best):
-            best = value
-            ckpt.mark_best(step)
-            save()
-
-    last_log, stop_now = time.perf_counter(), False
-    stop = StopSignals(cfg.checkpoint.stop_signals)
-    fail_at, kill = fault_injection(engine.rank)
-    # MFU: ~6 FLOPs per parameter per (non-pad) token for forward + backward, against the peak of all ranks.
-    flops_per_token = 6 * engine.num_parameters()
-    peak_flops = peak_tflops(engine.device, cfg.logging.peak_tflops) * 1e12 * engine.world_size
-    engine.train()
-    while step < total_steps:
-        plan = train_plan(lengths, t.micro_batch_size, t.seed, epoch, cfg.data.group_by_length)
-        # Resume mid-epoch: start at the saved position of the plan (a slice, nothing is replayed).
-        todo = step_windows(plan[done:], t.grad_accum, engine.rank, engine.world_size)[:total_steps - step]
-        batches = iter(task.loader(splits.train, [b for w in todo for b, _ in w], epoch, cfg.data.num_workers,
-                                   pin_memory=engine.device.type == "cuda"))
-        for local in todo:
-            micro = [{k: v.to(engine.device, non_blocking=True) for k, v in next(batches).items()}
-                     for _ in local]
-            # Loss normalisation: the step's gradient is that of the MEAN loss over every target (example
-            # or token) in the global batch. Each micro-batch contributes sum(loss) / N_global, where
-            # N_global counts targets over all micro-batches and ranks of this step, so a short last
-            # window or uneven padding weighs nothing differently. Filler micro-batches (weight 0) keep
-            # ranks in lockstep and add nothing. (Engines whose gradient all-reduce averages over ranks
-            # rescale by world size inside backward.)
-            counts = [task.count(b) * w for b, (_, w) in zip(micro, local)]
-            # One all-reduce carries the global target count and whether any rank was asked to stop.
-            n_global, stop_votes = engine.all_reduce_sum(torch.stack([sum(counts), counts[0].new_tensor(stop.flag)]))
-            n_global = n_global.clamp(min=1)  # a step without targets (e.g. nothing masked) adds zero, not NaN
-            for i, (b, (_, w)) in enumerate(zip(micro, local)):
-                loss_sum = task.loss_sum(engine.forward(**task.inputs(b)), b) * w
-                engine.backward(loss_sum / n_global, sync=i == len(micro) - 1)
-                acc += torch.stack([loss_sum.detach().double(), counts[i],
-                                    counts[i].new_tensor(len(b["input_ids"]) * w),
-                                    task.tokens(b).double() * w])
-            grad_norm = engine.step()
-            if started and engine.is_main:  # once per process: how long until training really runs
-                print(f"dist-train: first optimizer step done {time.perf_counter() - started:.2f} s after start",
-                      flush=True)
-            started = 0.0
-            step += 1
-            done = min(done + window, len(plan))
-            epoch_end = done == len(plan)
-            if epoch_end:
-                epoch, done = epoch + 1, 0
-            bar.update(1)
-            if step == fail_at:
-                if kill:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                raise RuntimeError(f"injected failure at step {step} (DIST_TRAIN_FAIL_AT)")
-
-            # Everything that happens at a step boundary, in one order: log, validate, checkpoint (last, so
-            # that a resumed run continues after all of it).
-            if step % cfg.logging.every_steps == 0 or step == total_steps:
-                # Stop requests are read here, where the log line syncs with the host anyway: a stop comes
-                # at most logging.every_steps steps after the signal, and ordinary steps never wait.
-                stop_now = stop_votes.item() > 0
-                loss_sum, count, examples, tokens = engine.all_reduce_sum(acc).tolist()
-                elapsed = time.perf_counter() - last_log
-                seen += examples
-                record = {"epoch": epoch + done / len(plan), "loss": loss_sum / max(count, 1),
-                          "lr": engine.lr(), "grad_norm": float(grad_norm), "examples_seen": seen,
-                          "examples_per_s": examples / elapsed, "tokens_per_s": tokens / elapsed}
-                if peak_flops:
-                    record["mfu"] = record["tokens_per_s"] * flops_per_token / peak_flops
-                if sink:
-                    sink.write("train", step, record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                acc, last_log = zeros(), time.perf_counter()
-            if (t.eval_every > 0 and step % t.eval_every == 0) or (t.eval_every <= 0 and epoch_end):
-                run_validation()
-            every = cfg.checkpoint.every_steps
-            if (every > 0 and step % every == 0) or (epoch_end and cfg.checkpoint.every_epoch) or stop_now:
-                save()
-            if stop_now:
-                break
-        if stop_now:
-            break
-    bar.close()
-    stop.restore()
-    if stop_now:
-        if engine.is_main:
-            print(f"dist-train: stopped after step {step} on request ({stop.received or 'a stop signal'} on some "
-                  f"rank); saved {ckpt.path(step)}; continue with checkpoint.resume=auto", flush=True)
-        if sink:
-            sink.close()
-        engine.close()
-        return {"stopped_at": step}
-
-    if validated_at != step:
-        run_validation()
-    per_rank = rank_stats(engine)
-    if sink:
-        sink.write("ranks", step, per_rank)
-    save()
-    if cfg.checkpoint.load_best_at_end and ckpt.best_step is not None and ckpt.best_step != step:
-        ckpt.load(ckpt.path(ckpt.best_step), weights_only=True)
-        if engine.is_main:
-            bar.write(f"loaded the best checkpoint (step {ckpt.best_step}, "
-                      f"{metric} {best:.4f}) for final/")
-
-    state_dict = engine.full_state_dict()
-    if engine.is_main:
-        export_model(engine.unwrapped, tokenizer, out / "final", task.labels, export_meta(cfg), state_dict=state_dict)
-    if splits.test is not None:
-        reports["test"] = evaluate(engine, task, splits.test, t.eval_batch_size)
-        if engine.is_main:
-            (out / "eval_report.json").write_text(json.dumps(reports["test"], indent=2))
-            sink.write("test", step, reports["test"])
-            print(summary_line("test", reports["test"]), flush=True)
-    if sink:
-        sink.close()
-    engine.close()
-    return reports
-
-
-def export_meta(cfg: Config) -> dict:
-    """What dist-train's own eval/predict read back from an exported folder."""
-    return {"task": cfg.task.name, "text_column": cfg.data.text_column,
-            "text_pair_column": cfg.data.text_pair_column, "label_column": cfg.data.label_column,
-            "max_length": cfg.data.max_length, "text_unit": cfg.data.text_unit,
-            "mlm_probability": cfg.task.mlm_probability, "whole_word_mask": cfg.task.whole_word_mask}

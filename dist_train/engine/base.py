@@ -1,6 +1,9 @@
 """The engine interface: everything the training loop may ask of "how processes train together".
 
-The loop only calls these methods; single process, DDP and DeepSpeed differ behind them, never in the loop.
+The loop only calls these methods; one process, DDP, DeepSpeed and FSDP differ behind them, never in the
+loop. An engine owns the optimizer and the LR schedule (it builds them from the loop's factories, on the
+parameters it really trains) and its checkpoint format (what ``save`` writes, what ``load`` reads, and how
+a checkpoint becomes one whole state dict for export).
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -18,6 +22,9 @@ MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.pt"
 SCHED_FILE = "scheduler.pt"
 SCALER_FILE = "scaler.pt"
+
+MakeOptimizer = Callable[[torch.nn.Module], torch.optim.Optimizer]
+MakeScheduler = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 def cpu_has_native_bf16() -> bool | None:
@@ -65,18 +72,43 @@ class Engine:
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.model = self.optimizer = self.scheduler = None
 
+    @classmethod
+    def options(cls, cfg) -> dict:
+        """Constructor arguments every engine takes from the config."""
+        t = cfg.train
+        return {"precision": t.precision, "max_grad_norm": t.max_grad_norm, "tf32": t.tf32,
+                "compile_backend": t.compile_backend if t.compile else None}
+
+    @classmethod
+    def from_config(cls, cfg) -> "Engine":
+        return cls(**cls.options(cfg))
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Refuse settings this engine cannot honour (a UserError), before anything is built."""
+
+    @classmethod
+    def can_resume(cls, checkpoint_format: str) -> bool:
+        return checkpoint_format == cls.checkpoint_format
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     # -- set-up -----------------------------------------------------------------------------------------
-    def prepare(self, model: torch.nn.Module, optimizer, scheduler) -> None:
-        """Take ownership of the model (moved to this process's device), optimizer and LR scheduler."""
+    def prepare(self, model: torch.nn.Module, make_optimizer: MakeOptimizer | None = None,
+                make_scheduler: MakeScheduler | None = None) -> None:
+        """Take the model (moved to this process's device) and build its optimizer and LR schedule.
+
+        Without factories the engine only runs the model (evaluation, prediction).
+        """
         self.model = model.to(self.device)
         if self.compile_backend:
             # In place: state-dict keys, export and checkpoints stay those of the plain model.
             self.model.compile(backend=self.compile_backend)
-        self.optimizer, self.scheduler = optimizer, scheduler
+        if make_optimizer is not None:
+            self.optimizer = make_optimizer(self.model)
+            self.scheduler = make_scheduler(self.optimizer)
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -98,20 +130,30 @@ class Engine:
         """Accumulate gradients of ``loss``; ``sync`` is False for all but the last micro-batch of a step."""
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self) -> torch.Tensor:
-        """Clip, apply the optimizer and LR schedule, zero the gradients; returns the pre-clip gradient norm."""
+    def step(self, skip_nonfinite: bool = False) -> torch.Tensor:
+        """Clip, apply the optimizer and LR schedule, zero the gradients; returns the pre-clip gradient norm.
+
+        ``skip_nonfinite``: when the (global) gradient norm is not finite, drop the gradients instead of
+        applying them; the LR schedule still advances, so a skipped step is still a step. This reads the
+        norm on the host (one sync), which is why it is only asked for when skipping is allowed.
+        """
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, limit)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        if skip_nonfinite and not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler:
+                self.scaler.update()  # the scaler saw the inf and lowers its scale, as after its own skip
         else:
-            self.optimizer.step()
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return norm
 
     def lr(self) -> float:
@@ -121,21 +163,12 @@ class Engine:
         self.model.train(mode)
 
     def num_parameters(self, local: bool = False) -> int:
-        """Parameter elements of the model; ``local``: only those this rank holds (ZeRO-3 shards)."""
-        total = 0
-        for p in self.unwrapped.parameters():
-            if local and hasattr(p, "ds_tensor"):
-                total += p.ds_tensor.numel()
-            else:
-                total += getattr(p, "ds_numel", p.numel())
-        return total
+        """Parameter elements of the model; ``local``: only those this rank holds (sharded engines)."""
+        return sum(p.numel() for p in self.unwrapped.parameters())
 
     def torch_optimizer(self) -> torch.optim.Optimizer:
-        """The torch optimizer that finally steps (DeepSpeed's ZeRO optimizers wrap one)."""
-        opt = self.optimizer
-        while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
-            opt = opt.optimizer
-        return opt
+        """The torch optimizer that finally steps (a sharding engine may wrap it)."""
+        return self.optimizer
 
     def optimizer_state_numel(self) -> int:
         """Elements of optimizer state (Adam moments) held by this rank."""
@@ -178,6 +211,13 @@ class Engine:
         self.scheduler.load_state_dict(torch.load(folder / SCHED_FILE, weights_only=True))
         if self.scaler:
             self.scaler.load_state_dict(torch.load(folder / SCALER_FILE, weights_only=True))
+
+    @classmethod
+    def consolidated_state_dict(cls, folder: str | Path) -> dict:
+        """The whole model's weights from a checkpoint of this format, read in this one process."""
+        from safetensors.torch import load_file
+
+        return load_file(str(Path(folder, MODEL_FILE)))
 
     def close(self) -> None:
         pass

@@ -14,8 +14,8 @@ from dist_train.engine.dist_env import DistributedEngine
 
 
 class DDPEngine(DistributedEngine):
-    def prepare(self, model, optimizer, scheduler) -> None:
-        super().prepare(model, optimizer, scheduler)
+    def prepare(self, model, make_optimizer=None, make_scheduler=None) -> None:
+        super().prepare(model, make_optimizer, make_scheduler)
         ids = [self.device.index] if self.device.type == "cuda" else None
         self.ddp = DistributedDataParallel(self.model, device_ids=ids)
 

@@ -76,7 +76,20 @@ class DeepSpeedEngine(DistributedEngine):
         # The model is built whole (not under zero.Init) and ZeRO-3 partitions it in initialize(): its
         # initial weights are then exactly those of every other engine under the same seed.
 
-    def prepare(self, model, optimizer, scheduler) -> None:
+    @classmethod
+    def from_config(cls, cfg) -> "DeepSpeedEngine":
+        return cls(cfg, **cls.options(cfg))
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.train.max_nonfinite_steps > 0 and cfg.engine.zero_stage == 0:
+            # ZeRO 1-3 drop a step whose gradient norm is not finite inside their own step(); stage 0 hands
+            # the gradients to a plain optimizer and cannot be told to skip.
+            raise UserError("train.max_nonfinite_steps > 0 needs engine.zero_stage >= 1 with engine.kind=deepspeed "
+                            "(ZeRO-0 cannot skip a step); use zero_stage 1-3, engine.kind=ddp, or "
+                            "max_nonfinite_steps=0")
+
+    def prepare(self, model, make_optimizer=None, make_scheduler=None) -> None:
         import deepspeed
 
         zero = self.ds_config["zero_optimization"]
@@ -88,19 +101,37 @@ class DeepSpeedEngine(DistributedEngine):
             zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
             zero.setdefault("stage3_param_persistence_threshold", 10 * hidden)
 
-        if self.offload:
+        def optimizer(_params):  # DeepSpeed calls this; ours groups parameters by name and module type
+            built = make_optimizer(model)
+            if not self.offload:
+                return built
             # Offloaded optimizer state lives on CPU and steps there with DeepSpeed's CPU Adam.
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            optimizer = DeepSpeedCPUAdam(optimizer.param_groups, lr=optimizer.defaults["lr"],
-                                         betas=optimizer.defaults["betas"], eps=optimizer.defaults["eps"],
-                                         adamw_mode=True)
-        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+            d = built.defaults
+            return DeepSpeedCPUAdam(built.param_groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], adamw_mode=True)
+
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer if make_optimizer else None, config=self.ds_config)
         self.model = self.ds.module
         if self.compile_backend:
             self.ds.compile(backend=self.compile_backend)  # DeepSpeed's own: it knows where ZeRO-3 hooks sit
-        # Our schedule, re-bound to the optimizer DeepSpeed actually steps (ZeRO wraps and regroups it).
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.torch_optimizer(), scheduler.lr_lambdas[0])
+        if make_scheduler is not None:
+            # Our schedule, on the torch optimizer DeepSpeed finally steps (ZeRO wraps and regroups it), stepped
+            # by us: every engine follows the same LR step for step.
+            self.scheduler = make_scheduler(self.torch_optimizer())
+
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        opt = self.optimizer
+        while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+            opt = opt.optimizer  # ZeRO optimizers wrap the torch one
+        return opt
+
+    def num_parameters(self, local: bool = False) -> int:
+        # ZeRO-3 leaves an empty placeholder in each parameter: ds_numel is its full size, ds_tensor this
+        # rank's shard.
+        return sum((p.ds_tensor.numel() if local else p.ds_numel) if hasattr(p, "ds_tensor") else p.numel()
+                   for p in self.unwrapped.parameters())
 
     def forward(self, **inputs):
         with self.autocast():
@@ -114,8 +145,10 @@ class DeepSpeedEngine(DistributedEngine):
         if not sync:
             self.ds.step()  # a no-op between boundaries; keeps DeepSpeed's micro-step count in line
 
-    def step(self) -> torch.Tensor:
-        self.ds.step()  # clip, optimizer step, zero grads (at the boundary)
+    def step(self, skip_nonfinite: bool = False) -> torch.Tensor:
+        # Clip, optimizer step, zero grads (at the boundary). ZeRO 1-3 drop a step whose gradient norm is
+        # not finite by themselves (check_config refuses skipping at stage 0).
+        self.ds.step()
         self.scheduler.step()
         norm = self.ds.get_global_grad_norm()
         return torch.as_tensor(0.0 if norm is None else float(norm))
@@ -125,10 +158,22 @@ class DeepSpeedEngine(DistributedEngine):
 
     def full_state_dict(self) -> dict | None:
         """The whole model's weights on rank 0 (gathered from ZeRO-3 shards); None on other ranks."""
-        if self.ds.zero_optimization_partition_weights():
-            sd = self.ds._zero3_consolidated_16bit_state_dict()
-            return sd if self.is_main else None
-        return super().full_state_dict()
+        if not self.ds.zero_optimization_partition_weights():
+            return super().full_state_dict()
+        import deepspeed
+
+        module = self.ds.module
+        keys = set(module.state_dict().keys())  # names only: ZeRO-3 parameters are empty placeholders here
+        full = {}
+        for prefix, sub in module.named_modules():
+            # One module at a time (a collective on every rank): the whole model is never gathered at once.
+            with deepspeed.zero.GatheredParameters(list(sub.parameters(recurse=False))):
+                if self.is_main:
+                    for name, tensor in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
+                        key = f"{prefix}.{name}" if prefix else name
+                        if key in keys:
+                            full[key] = tensor.detach().cpu().clone()
+        return full if self.is_main else None
 
     def save(self, folder: str | Path) -> None:
         # Our LR schedule is not DeepSpeed's, so its state travels as client state.
@@ -142,23 +187,24 @@ class DeepSpeedEngine(DistributedEngine):
         resharded = self.ds.zero_optimization() and saved_world != self.world_size
         if resharded and weights_only:
             return self._load_weights(fp32_state_dict(folder))
-        universal = resharded
-        source = folder.parent / f".universal-{folder.name}" if universal else folder
-        if universal:
+        source = folder.parent / f".universal-{folder.name}" if resharded else folder
+        if resharded:
             if self.is_main:
                 to_universal(folder / TAG, source / TAG)
             self.barrier()
-        self.ds._config.load_universal_checkpoint = universal
         # DeepSpeed's ZeRO-3 universal load copies param group 0's hyperparameters into every group, which
         # would give the no-decay group (biases, norms) weight decay; they are the config's, so keep ours.
         groups = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.torch_optimizer().param_groups]
         try:
-            with weights_only_loads():
+            with weights_only_loads(), universal_loading(self.ds, resharded):
                 _, client = self.ds.load_checkpoint(str(source), tag=TAG, load_module_only=weights_only,
                                                     load_optimizer_states=not weights_only,
                                                     load_lr_scheduler_states=False)
         finally:
-            self.ds._config.load_universal_checkpoint = False
+            if resharded:
+                self.barrier()
+                if self.is_main:
+                    shutil.rmtree(source, ignore_errors=True)
         for group, hyper in zip(self.torch_optimizer().param_groups, groups):
             group.update(hyper)
         # The same universal load gives every parameter group one shared `step` tensor, which Adam then
@@ -168,10 +214,10 @@ class DeepSpeedEngine(DistributedEngine):
                 state["step"] = state["step"].clone()
         if not weights_only:
             self.scheduler.load_state_dict(client["scheduler"])
-        if universal:
-            self.barrier()
-            if self.is_main:
-                shutil.rmtree(source, ignore_errors=True)
+
+    @classmethod
+    def consolidated_state_dict(cls, folder: str | Path) -> dict:
+        return fp32_state_dict(folder)
 
     def _load_weights(self, state_dict: dict) -> None:
         """Copy full weights into the (possibly ZeRO-3 partitioned) model; optimizer state is untouched."""
@@ -195,6 +241,25 @@ def to_universal(src: Path, dst: Path) -> None:
     with weights_only_loads(), open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), \
             contextlib.redirect_stderr(quiet):
         ds_to_universal.main(args)
+
+
+@contextlib.contextmanager
+def universal_loading(ds, enabled: bool):
+    """Make ``ds.load_checkpoint`` read DeepSpeed's universal format.
+
+    The one private DeepSpeed attribute dist-train touches: DeepSpeed decides the format from its config
+    (``checkpoint.load_universal``), fixed when the engine is built, while dist-train learns only at load
+    time that the world size changed. The DeepSpeed versions this was tested with are pinned in
+    pyproject.toml.
+    """
+    if not enabled:
+        yield
+        return
+    ds._config.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        ds._config.load_universal_checkpoint = False
 
 
 @contextlib.contextmanager

@@ -90,7 +90,7 @@ class DistEnv:
 
 
 class DistributedEngine(Engine):
-    """An engine with one process per device in a torch.distributed process group (DDP, DeepSpeed)."""
+    """An engine with one process per device in a torch.distributed process group (DDP, DeepSpeed, FSDP)."""
 
     def __init__(self, precision: str = "fp32", max_grad_norm: float = 0.0, env: DistEnv | None = None,
                  **options):
@@ -98,6 +98,10 @@ class DistributedEngine(Engine):
         self.rank, self.local_rank, self.world_size = self.env.rank, self.env.local_rank, self.env.world_size
         super().__init__(precision, max_grad_norm, **options)
         self.env.init_process_group(self.device)
+
+    @classmethod
+    def options(cls, cfg) -> dict:
+        return {**super().options(cfg), "env": DistEnv.from_environ(cfg.engine.timeout_s)}
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor.clone()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dist_train.data.fingerprint import data_fingerprint
 from dist_train.data.labels import LabelMap
 from dist_train.errors import UserError
 from dist_train.data.sources import check_texts, read_table, require_columns
 from dist_train.data.tokenize import model_view, tokenize_table
 from dist_train.metrics import classification_report
 from dist_train.models import build_model
-from dist_train.resume import data_fingerprint
 from dist_train.tasks.base import Splits, Task
 
 
@@ -64,7 +64,7 @@ class ClassificationTask(Task):
 
     @staticmethod
     def fingerprint(ds) -> dict:
-        return data_fingerprint(ds["length"], ds["labels"])
+        return data_fingerprint(len(ds), ds["length"], ds["labels"])
 
     @staticmethod
     def view(ds):

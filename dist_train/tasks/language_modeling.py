@@ -7,13 +7,12 @@ for classification. Loss and perplexity are over exact target-token counts summe
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 import torch.nn.functional as F
 
 from dist_train.data.collate import CausalLMCollator, MaskedLMCollator
 from dist_train.data.corpus import TokenBlocks, read_corpus, tokenize_corpus
+from dist_train.data.fingerprint import data_fingerprint
 from dist_train.data.new_tokenizer import cached_tokenizer
 from dist_train.errors import UserError
 from dist_train.models import build_model
@@ -81,8 +80,7 @@ class LanguageModelTask(Task):
 
     @staticmethod
     def fingerprint(ds) -> dict:
-        crc = zlib.crc32(ds.stream.fingerprint.encode())
-        return {"examples": len(ds), "crc32": zlib.crc32(ds.blocks.astype("int64").tobytes(), crc)}
+        return data_fingerprint(len(ds), ds.stream.fingerprint, ds.blocks)
 
     @staticmethod
     def view(ds):
