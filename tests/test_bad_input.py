@@ -171,6 +171,7 @@ DATA = rows(
     Row("empty-text", "train {cfg} data.train={w}/data/notext.tsv", 2, "line 3: empty or missing text"),
     Row("one-label", "train {cfg} data.train={w}/data/onelabel.tsv", 2, "only one label value"),
     Row("not-utf8", "train {cfg} data.train={w}/data/latin1.tsv", 2, "line 3: byte 0xe9 at column 4 is not UTF-8"),
+    Row("not-utf8-jsonl", "train {cfg} data.train={w}/data/latin1.jsonl", 2, "line 2: byte 0xe9 at column 18"),
     Row("comma-tsv", "train {cfg} data.train={w}/data/comma.tsv", 2, "looks comma-separated; rename it to .csv"),
     Row("tab-csv", "train {cfg} data.train={w}/data/tabs.csv", 2, "looks tab-separated; rename it to .tsv"),
     Row("bad-jsonl", "train {cfg} data.train={w}/data/bad.jsonl", 2, "line 2"),
@@ -240,6 +241,7 @@ USE = rows(
     Row("eval-batch-size", "eval {final} --data {w}/data/train.tsv --batch-size 0", 2, "--batch-size must be >= 1"),
     Row("eval-max-length", "eval {final} --data {w}/data/train.tsv --max-length 9999", 2,
         "exceeds the model's 128 positions"),
+    Row("eval-truncated-weights", "eval {w}/truncated --data {w}/data/train.tsv", 2, "(truncated or damaged)"),
     Row("eval-pretrained-only", "eval {minilm} --data {w}/data/train.tsv", 2, "without a trained classification head"),
     Row("eval-needs-data", "eval {final}", 2, "the following arguments are required: --data"),
     Row("export-missing", "export {w}/nope {w}/exported", 2, "does not exist"),
@@ -353,6 +355,8 @@ def world(trained, tmp_path_factory):
     for name, text in tables.items():
         (data / name).write_text(text)
     (data / "latin1.tsv").write_bytes("sentence\tlabel\ngood\t1\ncaf\u00e9\t0\n".encode("latin-1"))
+    (data / "latin1.jsonl").write_bytes('{"sentence": "ok", "label": 1}\n{"sentence": "caf\u00e9", "label": 0}\n'
+                                        .encode("latin-1"))
     (data / "latin1.txt").write_bytes("fine line\ncaf\u00e9 au lait\n".encode("latin-1"))
     (data / "emptydir").mkdir()
     tiny_config(w, {k: data / f"{k}.tsv" for k in files})

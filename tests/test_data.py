@@ -212,3 +212,33 @@ def test_validation_split_is_carved_from_train(tmp_path, sentiment_slice):
     assert (len(splits.train), len(splits.validation)) == (120, 40)
     again = task.prepare(load_tokenizer("all-MiniLM-L6-v2"))
     assert again.validation["input_ids"] == splits.validation["input_ids"]  # same seed, same split
+
+
+def test_check_data_files_names_the_key_and_loads_nothing(tmp_path):
+    from dist_train.data.sources import check_data_files
+
+    good = write(tmp_path, "tsv")
+    check_data_files(DataConfig(train=str(good), test=str(good)))
+    with pytest.raises(UserError, match=r"data\.validation: '.*missing\.tsv': file not found"):
+        check_data_files(DataConfig(train=str(good), validation=str(tmp_path / "missing.tsv")))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Some text.\n")
+    check_data_files(DataConfig(train=[str(corpus), str(corpus / "*.txt")]), "causal_lm")
+    with pytest.raises(UserError, match=r"data\.test: no file matches"):
+        check_data_files(DataConfig(train=str(corpus), test=str(tmp_path / "*.md")), "masked_lm")
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("latin1.csv", "sentence,label\ngood,1\ncaf\u00e9,0\n".encode("latin-1"), "line 3: byte 0xe9 at column 4"),
+    ("latin1.jsonl", '{"sentence": "ok", "label": 1}\n{"sentence": "caf\u00e9", "label": 0}\n'.encode("latin-1"),
+     "line 2: byte 0xe9"),
+    ("comma.tsv", b"sentence,label\ngood,1\n", "looks comma-separated; rename it to .csv"),
+    ("tabs.csv", b"sentence\tlabel\ngood\t1\n", "looks tab-separated; rename it to .tsv"),
+])
+def test_encoding_and_delimiter_mistakes_name_the_fix(tmp_path, capfd, name, content, needle):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=needle):
+        read_table(str(path), str(tmp_path / "cache"))
+    assert capfd.readouterr().err == ""  # no "Failed to read file ..." from datasets before our line

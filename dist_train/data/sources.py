@@ -6,6 +6,7 @@ in reading becomes one UserError that names the file, and the line where the for
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import json
@@ -78,6 +79,20 @@ def _first_non_utf8(path: str) -> str | None:
             except UnicodeDecodeError as exc:
                 return f"line {number}: byte 0x{line[exc.start]:02x} at column {exc.start + 1}"
     return None
+
+
+def _check_utf8(path: str) -> None:
+    """The whole file is UTF-8 (the JSON reader takes other bytes into Arrow strings that fail only when
+    read); the error names the first bad line. One pass at the speed of the codec."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserError(f"'{path}': {_first_non_utf8(path) or 'the end'} is not UTF-8 text; save the file as "
+                        "UTF-8") from None
 
 
 def _check_delimiter(path: str, fmt: str) -> None:
@@ -153,6 +168,8 @@ def read_table(path: str, cache_dir: str | None = None):
     fmt = file_format(path)
     if fmt in ("tsv", "csv"):
         _check_delimiter(path, fmt)
+    if fmt == "json":
+        _check_utf8(path)
     builder, kwargs = fmt, {}
     if fmt == "tsv":
         # Plain tab-separated text: quotes are ordinary characters (the seed's sentences contain them).
