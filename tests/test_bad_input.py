@@ -363,15 +363,23 @@ def world(trained, tmp_path_factory):
     return w
 
 
+_CRC: dict[tuple, int] = {}
+
+
 def snapshot(*roots: Path) -> dict[str, tuple]:
-    """Every path under ``roots`` (the datasets cache aside) with its size and checksum."""
+    """Every path under ``roots`` (the datasets cache aside) with its size and checksum. A file is read
+    again only when its inode, size, mtime or ctime changed (any write changes its ctime)."""
     found = {}
     for root in roots:
         for path in sorted(root.rglob("*")):
             if "cache" in path.relative_to(root).parts[:1]:
                 continue
+            st = path.stat()
             if path.is_file():
-                found[str(path)] = (path.stat().st_size, zlib.crc32(path.read_bytes()))
+                key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                if key not in _CRC:
+                    _CRC[key] = zlib.crc32(path.read_bytes())
+                found[str(path)] = (st.st_size, _CRC[key])
             else:
                 found[str(path)] = ("dir",)
     return found
