@@ -93,15 +93,16 @@ def existing_run(out: Path) -> list[str]:
     return [name for name in RUN_FILES if (out / name).exists()]
 
 
-def preflight(cfg, resuming: bool | None = None) -> None:
+def preflight(cfg, resuming: bool | None = None, check_lock: bool = True) -> None:
     """Every check on ``output_dir`` that can run before the run starts; writes nothing.
 
     ``resuming``: whether a checkpoint will be resumed (None: decide from ``checkpoint.resume`` alone, as the
-    launcher does before any worker exists).
+    launcher does before any worker exists). ``check_lock``: False on ranks other than 0, whose own rank 0
+    may already hold the lock.
     """
     out = Path(cfg.output_dir)
     check_writable(out)
-    holder = lock_holder(out) if out.is_dir() else None
+    holder = lock_holder(out) if check_lock and out.is_dir() else None
     if holder is not None:
         raise UserError(f"output_dir '{out}' is in use by another dist-train run ({_describe(holder)}); wait "
                         f"for it, choose another output_dir=..., or delete {out / LOCK_FILE} if no run uses it")

@@ -90,7 +90,7 @@ class Run:
         if self.saved is not None:
             check_config(self.resume_from, cfg)  # before any work: a changed model or task fails at once
             check_engine(self.resume_from, self.saved, e)
-        preflight(cfg, resuming=self.saved is not None)
+        preflight(cfg, resuming=self.saved is not None, check_lock=e.is_main)
         if e.is_main:
             self.run_dir.lock()  # a second run into this folder stops here, at once
             self.teardown.callback(self.run_dir.unlock)
