@@ -94,8 +94,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
                         "folder like output_dir/checkpoints/step-N")
     require_valid(folder)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"export: '{out}' exists and is not empty; choose a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "is not empty" if out.is_dir() else "is a file"
+        raise UserError(f"export: '{out}' exists and {what}; choose a new folder")
     description = folder / HF_DIR
     meta = read_meta(description)
     config = AutoConfig.from_pretrained(description)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from dist_train.engine import SingleEngine
 from dist_train.errors import UserError
 from dist_train.evaluate import evaluate
 from dist_train.export import read_meta
+from dist_train.run_dir import can_write_in
 from dist_train.models import _first_line, check_weights, load_tokenizer, resolve_model_path
 from dist_train.tasks.classification import ClassificationEvaluator, ClassificationTask, read_labelled
 
@@ -98,18 +98,6 @@ def _not_a_model(name: str, path: Path) -> str:
                 f"its checkpoints: dist-train export {path / 'checkpoints'}/step-N OUT_DIR")
     return (f"MODEL_DIR '{name}' has no config.json, so it is no model folder; give a folder written by dist-train "
             "train (output_dir/final) or dist-train export")
-
-
-def can_write_in(folder: Path) -> bool:
-    """Whether files can be created in ``folder``. Permission bits do not tell it for root, nor on a
-    read-only mount or in /proc: an unnamed temporary file (no name ever appears in the folder) does."""
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return False
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
 
 
 def check_creatable(path: str | Path, flag: str) -> None:

@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 from dist_train.errors import UserError
@@ -75,6 +76,18 @@ def _describe(holder: dict) -> str:
     return f"pid {holder.get('pid')} on {holder.get('host')}{job}"
 
 
+def can_write_in(folder: Path) -> bool:
+    """Whether files can be created in ``folder``. Permission bits do not tell it for root, nor on a
+    read-only mount or in /proc: an unnamed temporary file (no name ever appears in the folder) does."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 def check_writable(out: Path) -> None:
     """``out`` is (or can be made) a writable folder."""
     if out.exists() and not out.is_dir():
@@ -84,7 +97,7 @@ def check_writable(out: Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(f"output_dir '{out}' cannot be created: '{parent}' is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not can_write_in(parent):
         raise UserError(f"output_dir '{out}' is not writable (no write permission on '{parent}'); choose "
                         "another output_dir=...")
 

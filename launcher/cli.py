@@ -147,7 +147,8 @@ def cmd_export(args) -> int:
     from dist_train.checkpoint import checkpoints
     from dist_train.errors import UserError
     from dist_train.export import export_checkpoint
-    from dist_train.inference import can_write_in, check_creatable
+    from dist_train.inference import check_creatable
+    from dist_train.run_dir import can_write_in
 
     # Paths are checked before export_checkpoint consolidates the weights (the slow part).
     ckpt, out = Path(args.checkpoint), Path(args.out_dir)
@@ -312,12 +313,17 @@ def _report(exc: BaseException) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
-    args = parse(sys.argv[1:] if argv is None else list(argv))
-    from dist_train import errors
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from dist_train import errors, stopping
 
-    stop_requested = getattr(errors, "StopRequested", ())
+    training = argv[:1] == ["train"]
     try:
+        if training:
+            # A training process handles stop signals and Ctrl-C from its start (imports alone take
+            # seconds); the config's checkpoint.stop_signals take over once it is read.
+            stopping.install(["SIGUSR1", "SIGTERM"])
+        _quiet_libraries()
+        args = parse(argv)
         if args.command in ("eval", "predict", "export") or (args.command == "train" and not args.print_config):
             _quiet_transformers()
         if args.command == "train":
@@ -327,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except errors.UserError as exc:
         return _report(exc)
-    except stop_requested as exc:
+    except errors.StopRequested as exc:
         if os.environ.get("RANK", "0") == "0":
             print(f"dist-train: stopped by {exc.signal_name} before training started; nothing to save",
                   file=sys.stderr, flush=True)
@@ -338,9 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         from launcher.launch import peer_error
 
-        if args.command == "train" and peer_error():
+        if training and peer_error():
             return 1  # this rank failed because another stopped on bad input; the launcher prints that line
         raise
+    finally:
+        if training:
+            stopping.uninstall()  # called in-process (tests, notebooks): leave the caller's handlers as they were
 
 
 if __name__ == "__main__":
