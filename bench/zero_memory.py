@@ -1,4 +1,4 @@
-"""Per-rank memory of DDP and DeepSpeed ZeRO 1/2/3 at world 2: parameter, gradient and optimizer-state bytes.
+"""Per-rank memory of DDP, DeepSpeed ZeRO 1/2/3 and FSDP2 at world 2: parameter, gradient and optimizer-state bytes.
 
     python bench/zero_memory.py                 # runs every engine under torchrun --nproc-per-node 2, prints a table
     python bench/zero_memory.py --layers 4 --width 256
@@ -24,13 +24,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = {"ddp": ["engine.kind=ddp"], "zero1": ["engine.kind=deepspeed", "engine.zero_stage=1"],
            "zero2": ["engine.kind=deepspeed", "engine.zero_stage=2"],
-           "zero3": ["engine.kind=deepspeed", "engine.zero_stage=3"]}
+           "zero3": ["engine.kind=deepspeed", "engine.zero_stage=3"], "fsdp": ["engine.kind=fsdp"]}
 
 
 def _storages(tensors) -> dict[int, int]:
-    """data_ptr -> bytes of the distinct storages behind ``tensors``."""
+    """data_ptr -> bytes of the distinct storages behind ``tensors`` (a DTensor's: those of its local shard)."""
+    from torch.distributed.tensor import DTensor
+
     out = {}
     for t in tensors:
+        t = t.to_local() if isinstance(t, DTensor) else t
         if t is None or t.device.type == "meta":
             continue
         s = t.untyped_storage()
@@ -70,7 +73,7 @@ def worker(config: str, overrides: list[str], out_path: str) -> None:
     from dist_train.config import load_config
     from dist_train.engine import build_engine
     from dist_train.optim import build_optimizer, build_scheduler
-    from dist_train.trainer import seed_everything
+    from dist_train.seeding import seed_everything
 
     cfg = load_config(config, overrides)
     engine = build_engine(cfg)
@@ -79,8 +82,7 @@ def worker(config: str, overrides: list[str], out_path: str) -> None:
 
     kwargs = dict(cfg.model.config)
     model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(kwargs.pop("model_type"), **kwargs))
-    optimizer = build_optimizer(model, cfg.train)
-    engine.prepare(model, optimizer, build_scheduler(optimizer, cfg.train, 10))
+    engine.prepare(model, lambda m: build_optimizer(m, cfg.train), lambda opt: build_scheduler(opt, cfg.train, 10))
     engine.train()
     ids = torch.randint(1000, 2000, (cfg.train.micro_batch_size, 64), device=engine.device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -124,8 +126,13 @@ def main() -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", __file__,
                "--worker", name, str(out), "--layers", str(args.layers), "--width", str(args.width)]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if proc.returncode:
+        if proc.returncode and not out.is_file():
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        if proc.returncode:
+            # Seen with DeepSpeed on CPU, about one run in five: a rank aborts at exit ("terminate called
+            # without an active exception") after rank 0 wrote the gathered table; the numbers are complete.
+            print(f"note: {name}: a worker exited with status {proc.returncode} after the results were written",
+                  file=sys.stderr)
         results[name] = json.loads(out.read_text())
     mb = 2**20
     params = results[next(iter(results))][0]["param_elements"]

@@ -156,18 +156,25 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    kind: Literal["auto", "single", "ddp", "deepspeed"] = "auto"
+    kind: Literal["auto", "single", "ddp", "deepspeed", "fsdp"] = "auto"
     """How processes train together: ``single`` (one process), ``ddp`` (torch DistributedDataParallel),
-    ``deepspeed`` (ZeRO). ``auto``: ddp under a launcher (RANK/WORLD_SIZE set), else single."""
+    ``deepspeed`` (ZeRO), ``fsdp`` (PyTorch FSDP2: parameters, gradients and optimizer state sharded over
+    the ranks, one unit per transformer block). ``auto``: ddp under a launcher (RANK/WORLD_SIZE set), else
+    single."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (shard optimizer state), 2 (+ gradients), 3 (+ parameters)."""
     offload_optimizer: bool = False
     """DeepSpeed ZeRO-Offload: keep optimizer state (and the step) on CPU. Needs zero_stage >= 1."""
     offload_params: bool = False
-    """DeepSpeed ZeRO-3 parameter offload to CPU. Needs zero_stage 3."""
+    """Keep parameters on CPU: DeepSpeed ZeRO-3 parameter offload (needs zero_stage 3), or with
+    ``kind: fsdp`` FSDP2's CPU offload (parameter and gradient shards on CPU, the optimizer steps there)."""
     deepspeed: Optional[dict[str, Any]] = None
     """Extra DeepSpeed config keys merged into the generated config; a key that conflicts with a value
     dist-train sets from this config is an error naming both values."""
+    reshard_after_forward: bool = True
+    """``kind: fsdp``: free each block's gathered parameters after its forward and gather them again for
+    backward (less memory; false keeps them from forward to backward, one all-gather fewer per block and
+    micro-batch)."""
     timeout_s: float = 300.0
     """Collective and barrier timeout in seconds: a rank that never arrives fails the job instead of hanging."""
 
@@ -657,11 +664,16 @@ def validate(cfg: Config) -> None:
     e = cfg.engine
     if e.zero_stage not in (0, 1, 2, 3):
         raise UserError(f"config: engine.zero_stage must be 0, 1, 2 or 3, got {e.zero_stage}")
-    if (e.zero_stage or e.offload_optimizer or e.offload_params or e.deepspeed) and e.kind != "deepspeed":
-        raise UserError("config: engine.zero_stage / offload_* / deepspeed need engine.kind=deepspeed")
+    if (e.zero_stage or e.offload_optimizer or e.deepspeed) and e.kind != "deepspeed":
+        why = "; fsdp always shards parameters, gradients and optimizer state" if e.kind == "fsdp" else ""
+        raise UserError(f"config: engine.zero_stage / offload_optimizer / deepspeed need engine.kind=deepspeed{why}")
+    if e.offload_params and e.kind not in ("deepspeed", "fsdp"):
+        raise UserError("config: engine.offload_params needs engine.kind=fsdp, or deepspeed with zero_stage=3")
+    if not e.reshard_after_forward and e.kind != "fsdp":
+        raise UserError("config: engine.reshard_after_forward=false applies to engine.kind=fsdp only")
     if e.offload_optimizer and e.zero_stage < 1:
         raise UserError("config: engine.offload_optimizer needs engine.zero_stage >= 1")
-    if e.offload_params and e.zero_stage != 3:
+    if e.offload_params and e.kind == "deepspeed" and e.zero_stage != 3:
         raise UserError("config: engine.offload_params needs engine.zero_stage=3")
     c = cfg.checkpoint
     _check_stop_signals(c.stop_signals)

@@ -19,6 +19,7 @@ ENGINES = {
     "single": "dist_train.engine.single:SingleEngine",
     "ddp": "dist_train.engine.ddp:DDPEngine",
     "deepspeed": "dist_train.engine.deepspeed:DeepSpeedEngine",
+    "fsdp": "dist_train.engine.fsdp:FSDPEngine",
 }
 
 
