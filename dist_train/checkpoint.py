@@ -17,6 +17,7 @@ move. A folder whose files do not match its manifest is incomplete or corrupted:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -62,14 +63,15 @@ class CheckpointManager:
         that fails (disk full, say) on any rank fails on every rank, with its temporary folder removed.
         """
         final = self.path(step)
-        keep = 0.0
-        if self.engine.is_main and final.exists():
-            if verify(final) is None:
-                keep = 1.0
-            else:
+
+        def complete_already() -> bool:
+            if final.exists() and verify(final) is not None:
                 set_aside(final)
-        if self.engine.all_reduce_sum(torch.tensor([keep], device=self.engine.device)).item() > 0:
-            return final  # rank 0 decides for all: ranks that looked at the folder at different moments agree
+            return final.exists()
+
+        # Rank 0 decides for all: ranks that looked at the folder at different moments must agree.
+        if self.engine.run_on_main(complete_already, f"checking checkpoint {final.name}"):
+            return final
         tmp = self.root / f".tmp-step-{step}"
         problem = self._no_room(tmp)
         if problem is None:
@@ -80,20 +82,23 @@ class CheckpointManager:
                 self.engine.barrier()
                 self.engine.save(tmp)
                 torch.save(rng_state(), tmp / rng_file(self.engine.rank))
-            except OSError as exc:
-                problem = f"writing {tmp} failed: {exc.strerror or exc}"
+            except (OSError, RuntimeError) as exc:
+                problem = _write_failure(exc, tmp)
         self._agree(problem, tmp)
-        if self.engine.is_main:
-            try:
-                self._complete(tmp, final, step, state, config_text)
-            except OSError as exc:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise RunFailed(_disk_message(f"writing {tmp} failed: {exc.strerror or exc}", self.root)) from None
-        self.engine.barrier()
+        self.engine.run_on_main(lambda: self._complete(tmp, final, step, state, config_text),
+                                f"completing checkpoint {final.name}")
         return final
 
     def _complete(self, tmp: Path, final: Path, step: int, state: dict, config_text: str) -> None:
         """Rank 0: the run's own files, the manifest, then the atomic rename and ``latest``."""
+        try:
+            self._finish_folder(tmp, final, step, state, config_text)
+        except (OSError, RuntimeError) as exc:
+            problem = _write_failure(exc, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RunFailed(_disk_message(problem, self.root)) from None
+
+    def _finish_folder(self, tmp: Path, final: Path, step: int, state: dict, config_text: str) -> None:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         (tmp / CONFIG_FILE).write_text(config_text)
         if self.describe:
@@ -139,14 +144,17 @@ class CheckpointManager:
         """Load checkpoint ``step``'s weights after checking its manifest (on every rank, agreed); returns
         what was wrong (the checkpoint is then renamed aside and nothing is loaded), or None."""
         folder = self.path(step)
-        problem = verify(folder) if self.engine.is_main else None
-        bad = self.engine.all_reduce_sum(torch.tensor([float(problem is not None)], device=self.engine.device))
-        if bad.item() > 0:
-            if self.engine.is_main:
+
+        def check():
+            problem = verify(folder)
+            if problem is not None:
                 set_aside(folder)
-            return problem or "damaged"
-        self.engine.load(folder, weights_only=True)
-        return None
+            return problem
+
+        problem = self.engine.run_on_main(check, f"verifying checkpoint {folder.name}")
+        if problem is None:
+            self.engine.load(folder, weights_only=True)
+        return problem
 
     def mark_best(self, step: int) -> None:
         self.best_step = step
@@ -186,6 +194,21 @@ def set_aside(folder: Path) -> Path:
     return target
 
 
+def _write_failure(exc: BaseException, tmp: Path) -> str:
+    """What went wrong writing a checkpoint, in words; anything that is not the disk is raised as it is.
+
+    torch.save reports a full disk as a RuntimeError ("unexpected pos ..."), so the free space decides.
+    """
+    full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+    if not full and tmp.parent.is_dir() and shutil.disk_usage(tmp.parent).free < 1 << 20:
+        full = True
+    if full:
+        return f"writing {tmp} failed: No space left on device"
+    if isinstance(exc, OSError):
+        return f"writing {tmp} failed: {exc.strerror or exc}"
+    raise exc
+
+
 def _disk_message(problem: str, root: Path) -> str:
     full = "No space left" in problem or "needs about" in problem
     what = "disk full" if full else "cannot save a checkpoint"
@@ -210,7 +233,7 @@ def read_state(folder: Path) -> dict:
 
 def write_manifest(folder: Path) -> None:
     files = {str(p.relative_to(folder)): [p.stat().st_size, _crc32(p)]
-             for p in sorted(folder.rglob("*")) if p.is_file()}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
     (folder / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1))
 
 

@@ -9,6 +9,8 @@ resume past them):
   first step), ``step-N`` (after optimizer step N), ``finish`` (after training, before the final
   evaluation and export).
 - ``DIST_TRAIN_FREEZE_AT=RANK:STEP``: SIGSTOP this process after step STEP (a rank that stops answering).
+- ``DIST_TRAIN_NAN_AT=RANK:STEP``: the first training forward pass of step STEP returns NaN logits on RANK
+  (a diverging step: NaN loss, NaN gradients after the all-reduce).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Faults:
     kill_in_save: int = -1
     signal_at: tuple[str, int] | None = None
     freeze_at: int = -1
+    nan_at: int = -1
 
     @classmethod
     def from_env(cls, rank: int) -> "Faults":
@@ -47,6 +50,8 @@ class Faults:
             f.signal_at = (spec[0], int(signal.Signals[spec[1]]))
         if spec := _spec("DIST_TRAIN_FREEZE_AT", rank):
             f.freeze_at = int(spec[0])
+        if spec := _spec("DIST_TRAIN_NAN_AT", rank):
+            f.nan_at = int(spec[0])
         return f
 
     def at_phase(self, phase: str) -> None:
@@ -54,8 +59,11 @@ class Faults:
         if self.signal_at and self.signal_at[0] == phase:
             os.kill(os.getpid(), self.signal_at[1])
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, model) -> None:
+        """Called by the loop after optimizer step ``step`` (``model``: the plain model)."""
         self.at_phase(f"step-{step}")
+        if step + 1 == self.nan_at:
+            _poison_next_training_forward(model)
         if step == self.freeze_at:
             os.kill(os.getpid(), signal.SIGSTOP)
         if step == self.fail_at:
@@ -67,6 +75,17 @@ class Faults:
         """Called by the checkpoint writer with the checkpoint half written."""
         if step == self.kill_in_save:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _poison_next_training_forward(model) -> None:
+    def hook(module, args, output):
+        if not module.training:
+            return output  # validation in between is left alone
+        handle.remove()
+        output.logits = output.logits * float("nan")
+        return output
+
+    handle = model.register_forward_hook(hook)
 
 
 NONE = Faults()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import pickle
 import sys
 import time
 
@@ -73,10 +74,16 @@ class Run:
         self.teardown.callback(stopping.uninstall)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         """Every exit path: sinks closed, half-written files removed, the lock released, handlers restored
-        and the process group destroyed (in that order, each even if another fails)."""
+        and the process group destroyed (in that order, each even if another fails). A collective that
+        timed out or lost a peer becomes one line naming the ranks that did not answer."""
+        explained = self.engine.explain_failure(exc) if exc is not None and self.engine is not None else None
         self.teardown.close()
+        if explained:
+            last = next(iter(complete(self.ckpt.root)), None) if hasattr(self, "ckpt") else None
+            resume = f"; continue from {last} with checkpoint.resume=auto" if last else ""
+            raise RunFailed(explained + resume) from None
 
     # -- build: every check before any write ----------------------------------------------------------------
     def build(self) -> None:
@@ -106,14 +113,15 @@ class Run:
             raise UserError(f"checkpoint.metric '{self.metric}' is not a {task.name} metric; "
                             f"choose one of: {', '.join(task.metrics)}")
         self.maximize = (cfg.checkpoint.mode or ("min" if self.metric in ("loss", "perplexity") else "max")) == "max"
-        # Rank 0 trains the tokenizer and tokenizes into the cache while the others wait (bounded by
-        # engine.timeout_s), then they load both from the cache.
+        def prepare():
+            self.tokenizer = task.load_tokenizer()
+            self.splits = task.prepare(self.tokenizer)
+
+        # Rank 0 trains the tokenizer and tokenizes into the cache while the others wait (for as long as
+        # rank 0 is alive); then they load both from the cache. A data error on rank 0 ends every rank.
+        e.run_on_main(prepare, "preparing the data (tokenizing into the cache)")
         if not e.is_main:
-            e.barrier()
-        self.tokenizer = task.load_tokenizer()
-        self.splits = task.prepare(self.tokenizer)
-        if e.is_main:
-            e.barrier()
+            prepare()
         self.lengths = task.lengths(self.splits.train)
         self.fingerprint = task.fingerprint(self.splits.train)
         if self.saved is not None:
@@ -151,7 +159,12 @@ class Run:
         if self.saved is not None:
             # Model, optimizer, scheduler and this rank's RNG continue exactly; the log sums (global) go to rank 0.
             load_start = time.perf_counter()
-            self.ckpt.load(self.resume_from)
+            try:
+                self.ckpt.load(self.resume_from)
+            except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+                # Its files matched their manifest, so they were written so: say so rather than a traceback.
+                raise UserError(f"checkpoint '{self.resume_from}' cannot be loaded: {' '.join(str(exc).split())[:200]}; "
+                                "resume from an earlier checkpoint (nothing in output_dir was changed)") from None
             load_s = time.perf_counter() - load_start
             self.ckpt.best_step = s.best_step
             if e.is_main:
@@ -171,30 +184,32 @@ class Run:
 
     def _claim_output(self) -> None:
         """Rank 0 writes the run's files. A fresh run keeps an earlier run aside (run_dir) until it trains."""
-        cfg, e, rd = self.cfg, self.engine, self.run_dir
-        if e.is_main:
-            self.teardown.callback(self._leave_output)
-            if self.saved is None:
-                self.claimed = True
-                rd.set_aside()
-            else:
-                for folder, problem in self.damaged:
-                    print(f"dist-train: warning: skipping checkpoint {folder}: {problem}; renamed it to "
-                          f"{set_aside(folder).name}", file=sys.stderr, flush=True)
-                rd.trim_metrics(self.state.step)
-            rd.write("config.yaml", dump_yaml(cfg))
-            self.sink = MetricsSink(cfg.output_dir, cfg.logging.tensorboard,
-                                    purge_step=self.state.step + 1 if self.saved else None)
-            self.teardown.callback(self.sink.close)
+        cfg, e = self.cfg, self.engine
+        e.run_on_main(self._write_run_files, "writing the run's files")
         self.bar = tqdm(total=self.state.total_steps, initial=self.state.step, desc="train", unit="step",
                         mininterval=1.0, disable=not (e.is_main and cfg.logging.progress_bar))
         self.teardown.callback(self.bar.close)
-        e.barrier()
         self.last_log = time.perf_counter()
         # MFU: ~6 FLOPs per parameter per (non-pad) token for forward + backward, against the peak of all ranks.
         self.flops_per_token = 6 * e.num_parameters()
         self.peak_flops = peak_tflops(e.device, cfg.logging.peak_tflops) * 1e12 * e.world_size
         e.train()
+
+    def _write_run_files(self) -> None:
+        cfg, rd = self.cfg, self.run_dir
+        self.teardown.callback(self._leave_output)
+        if self.saved is None:
+            self.claimed = True
+            rd.set_aside()
+        else:
+            for folder, problem in self.damaged:
+                print(f"dist-train: warning: skipping checkpoint {folder}: {problem}; renamed it to "
+                      f"{set_aside(folder).name}", file=sys.stderr, flush=True)
+            rd.trim_metrics(self.state.step)
+        rd.write("config.yaml", dump_yaml(cfg))
+        self.sink = MetricsSink(cfg.output_dir, cfg.logging.tensorboard,
+                                purge_step=self.state.step + 1 if self.saved else None)
+        self.teardown.callback(self.sink.close)
 
     def _leave_output(self) -> None:
         """Rank 0, at exit: no half-written checkpoint survives and ``latest`` names the newest complete
@@ -243,7 +258,7 @@ class Run:
         if not self.trained:
             self._first_step_done()
         epoch_end = self.state.advance(self.window, self.plan_len)
-        self.faults.after_step(self.state.step)
+        self.faults.after_step(self.state.step, e.unwrapped)
         return epoch_end
 
     def _account(self, sums: torch.Tensor, count: torch.Tensor, grad_norm: torch.Tensor) -> None:
@@ -285,7 +300,8 @@ class Run:
             raise self._diverged()
         elapsed = time.perf_counter() - self.last_log
         s.examples_seen += examples
-        record = {"epoch": s.epoch_progress(self.plan_len), "loss": loss_sum / max(count, 1), "lr": e.lr(),
+        # No targets since the last line (every step skipped, nothing masked): no loss, rather than a 0.
+        record = {"epoch": s.epoch_progress(self.plan_len), "loss": loss_sum / count if count else None, "lr": e.lr(),
                   "grad_norm": float(self.grad_norm), "examples_seen": s.examples_seen,
                   "examples_per_s": examples / elapsed, "tokens_per_s": tokens / elapsed}
         if self.peak_flops:
@@ -294,7 +310,7 @@ class Run:
             record["skipped_steps"] = s.skipped_steps
         if self.sink:
             self.sink.write("train", s.step, record)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            self.bar.set_postfix(loss=f"{record['loss'] or float('nan'):.4f}", lr=f"{record['lr']:.2e}")
         self.acc.zero_()
         self.last_log = time.perf_counter()
 
@@ -376,7 +392,7 @@ class Run:
         if self.splits.test is not None:
             self.reports["test"] = report = evaluate(e, self.task, self.splits.test, self.t.eval_batch_size)
             if e.is_main:
-                self.run_dir.write("eval_report.json", json.dumps(report, indent=2))
+                self.run_dir.write("eval_report.json", json.dumps(report, indent=2))  # small: no wait needed
                 self.sink.write("test", s.step, report)
                 print(summary_line("test", report), flush=True)
         if self.signals.received:
@@ -402,15 +418,8 @@ class Run:
         """final/: written beside the old one and swapped in; refused (on every rank) if not finite."""
         e = self.engine
         state_dict = e.full_state_dict()
-        failure = None
-        if e.is_main:
-            try:
-                publish(e.unwrapped, self.tokenizer, self.run_dir.out / "final", self.task.labels,
-                        export_meta(self.cfg), state_dict=state_dict)
-            except RunFailed as exc:
-                failure = exc
-        if e.all_reduce_sum(torch.tensor([float(failure is not None)], device=e.device)).item() > 0:
-            raise failure or RunFailed("the final weights are not finite on rank 0; nothing was exported")
+        e.run_on_main(lambda: publish(e.unwrapped, self.tokenizer, self.run_dir.out / "final", self.task.labels,
+                                      export_meta(self.cfg), state_dict=state_dict) and None, "exporting final/")
 
 
 def rank_stats(engine) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,28 @@ def max_diff(a: Path, b: Path) -> float:
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert wa.keys() == wb.keys()
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+_CRC: dict[tuple, int] = {}
+
+
+def snapshot(*roots: Path) -> dict[str, tuple]:
+    """Every path under ``roots`` (the datasets cache aside) with its size and checksum. A file is read
+    again only when its inode, size, mtime or ctime changed (any write changes its ctime)."""
+    found = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if "cache" in path.relative_to(root).parts[:1]:
+                continue
+            st = path.stat()
+            if path.is_file():
+                key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                if key not in _CRC:
+                    _CRC[key] = zlib.crc32(path.read_bytes())
+                found[str(path)] = (st.st_size, _CRC[key])
+            else:
+                found[str(path)] = ("dir",)
+    return found
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:

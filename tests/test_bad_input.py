@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_user_error, run_cli, tiny_config
+from conftest import assert_user_error, run_cli, snapshot, tiny_config
 from launcher.cli import main
 
 CUDA = torch.cuda.is_available()
@@ -357,26 +356,6 @@ def world(trained, tmp_path_factory):
     return w
 
 
-_CRC: dict[tuple, int] = {}
-
-
-def snapshot(*roots: Path) -> dict[str, tuple]:
-    """Every path under ``roots`` (the datasets cache aside) with its size and checksum. A file is read
-    again only when its inode, size, mtime or ctime changed (any write changes its ctime)."""
-    found = {}
-    for root in roots:
-        for path in sorted(root.rglob("*")):
-            if "cache" in path.relative_to(root).parts[:1]:
-                continue
-            st = path.stat()
-            if path.is_file():
-                key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-                if key not in _CRC:
-                    _CRC[key] = zlib.crc32(path.read_bytes())
-                found[str(path)] = (st.st_size, _CRC[key])
-            else:
-                found[str(path)] = ("dir",)
-    return found
 
 
 def expand(row: Row, w: Path) -> list[str]:

@@ -185,6 +185,16 @@ class Engine:
     def barrier(self) -> None:
         pass
 
+    def run_on_main(self, fn, what: str):
+        """Rank 0 runs ``fn`` (writing files, say) while the others wait for it; every rank returns its
+        (JSON) result, and a UserError on rank 0 is raised on every rank. ``what`` names the work in the
+        message if rank 0 stops answering."""
+        return fn()
+
+    def explain_failure(self, exc: BaseException) -> str | None:
+        """If ``exc`` is a collective that timed out or lost a peer: one line saying which ranks did not answer."""
+        return None
+
     # -- state ------------------------------------------------------------------------------------------
     def full_state_dict(self) -> dict | None:
         """The whole model's weights on the main process (None elsewhere); every rank must call it."""
