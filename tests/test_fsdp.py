@@ -211,7 +211,7 @@ def test_units_are_the_blocks_and_tied_embeddings_stay_with_the_root():
     def names(model):
         return [type(m).__name__ for m in shard_units(model)]
 
-    bert = AutoConfig.for_model(**{k: v for k, v in TINY_BERT.items()})
+    bert = AutoConfig.for_model(**TINY_BERT)
     assert names(AutoModelForSequenceClassification.from_config(bert)) == ["BertLayer", "BertLayer", "BertEmbeddings"]
     # Masked LM: the word embeddings are the output projection too, so BertEmbeddings is no unit of its own.
     assert names(AutoModelForMaskedLM.from_config(AutoConfig.for_model(**NO_DROPOUT))) == ["BertLayer", "BertLayer"]

@@ -18,7 +18,9 @@ non-tensor entries (optimizer hyperparameters, the scheduler state) with ``torch
 either of which runs arbitrary code from a crafted checkpoint. Here ``.metadata`` goes through an
 unpickler that admits only DCP's own metadata classes (and ``torch.Size``, dtypes, layouts, paths), and
 the non-tensor entries through ``torch.load(weights_only=True)``; anything else is refused with a
-UserError naming the file.
+UserError naming the checkpoint (tests/test_fsdp.py checks that DCP's own reader would have run the code).
+The two overrides lean on private DCP names (``FileSystemReader._get_metadata_path``, ``_StorageInfo``,
+``_traverse.set_element``), as of the pinned torch 2.13.
 """
 
 from __future__ import annotations
