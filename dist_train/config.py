@@ -21,6 +21,14 @@ import yaml
 from dist_train.errors import UserError
 
 
+# What a resumed run may change, declared on the fields themselves: a field's own mark, else the mark of
+# the section that holds it. "fixed" values are part of what a checkpoint continues (model, task, data
+# processing, seed, micro-batch, optimizer and schedule); changing one on resume is an error naming it.
+# A new field inherits its section's mark, so it is never left without a rule.
+MAY_CHANGE = {"on_resume": "may_change"}
+FIXED = {"on_resume": "fixed"}
+
+
 @dataclass
 class TokenizerTrainConfig:
     kind: Optional[Literal["bpe", "wordpiece"]] = None
@@ -53,13 +61,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: Optional[Union[str, list[str]]] = None
+    train: Optional[Union[str, list[str]]] = field(default=None, metadata=MAY_CHANGE)
     """Training data. Classification: one labelled file (.tsv, .csv, .jsonl/.json or .parquet). Language
     modelling: text files (.txt: see ``text_unit``), JSONL or tables with ``text_column``; a path, a glob
     (``corpus/*.txt``), a folder, or a list of these."""
-    validation: Optional[Union[str, list[str]]] = None
+    validation: Optional[Union[str, list[str]]] = field(default=None, metadata=MAY_CHANGE)
     """Validation data, as ``train``. If absent, ``validation_split`` of train is carved off (when > 0)."""
-    test: Optional[Union[str, list[str]]] = None
+    test: Optional[Union[str, list[str]]] = field(default=None, metadata=MAY_CHANGE)
     """Test data, as ``train``, evaluated once at the end into ``eval_report.json``."""
     text_column: str = "sentence"
     """Column holding the text."""
@@ -77,13 +85,13 @@ class DataConfig:
     text_unit: Literal["line", "paragraph", "document"] = "line"
     """What one document is in a plain-text file: a line, a paragraph (blank-line separated: use this for
     hard-wrapped text such as books), or the whole file."""
-    num_proc: Optional[int] = None
+    num_proc: Optional[int] = field(default=None, metadata=MAY_CHANGE)
     """Processes that tokenize a corpus (``datasets.map``); null = one. The result is cached either way."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding, faster); order stays random across batches."""
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata=MAY_CHANGE)
     """DataLoader worker processes (0 = load in the training process)."""
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[str] = field(default=None, metadata=MAY_CHANGE)
     """Where tokenized data is cached (default: the Hugging Face datasets cache)."""
 
 
@@ -104,15 +112,15 @@ class TaskConfig:
 class TrainConfig:
     seed: int = 42
     """Seed for model init, dropout and data order: the same config and seed give identical weights on CPU."""
-    epochs: float = 3.0
+    epochs: float = field(default=3.0, metadata=MAY_CHANGE)
     """Passes over the training data (ignored when ``max_steps`` > 0)."""
-    max_steps: int = 0
+    max_steps: int = field(default=0, metadata=MAY_CHANGE)
     """Stop after this many optimizer steps (0 = use ``epochs``)."""
     micro_batch_size: int = 32
     """Examples per forward/backward pass on each process."""
-    grad_accum: int = 1
+    grad_accum: int = field(default=1, metadata=MAY_CHANGE)
     """Micro-batches accumulated per optimizer step; global batch = micro_batch_size x grad_accum x world size."""
-    eval_batch_size: int = 64
+    eval_batch_size: int = field(default=64, metadata=MAY_CHANGE)
     """Examples per forward pass during evaluation."""
     lr: float = 5e-5
     """Peak learning rate."""
@@ -133,23 +141,23 @@ class TrainConfig:
     """Warmup length as a fraction of all steps (used when ``warmup_steps`` is 0)."""
     warmup_steps: int = 0
     """Warmup length in steps (overrides ``warmup_ratio`` when > 0)."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = field(default=1.0, metadata=MAY_CHANGE)
     """Clip the global gradient norm to this value (0 = no clipping)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Compute precision: bf16 autocast works on CPU and GPU; fp16 (with loss scaling) needs a GPU."""
-    eval_every: int = 0
+    eval_every: int = field(default=0, metadata=MAY_CHANGE)
     """Evaluate on validation every N optimizer steps (0 = only at the end of each epoch)."""
-    compile: bool = False
+    compile: bool = field(default=False, metadata=MAY_CHANGE)
     """Run the model through ``torch.compile`` (fuses elementwise ops; a second sequence length recompiles
     once with dynamic shapes, torch's default). Pays off on GPUs; on a 2-core CPU MiniLM took
     280 s to compile and then ran 13% slower than eager (docs/performance.md)."""
-    compile_backend: str = "inductor"
+    compile_backend: str = field(default="inductor", metadata=MAY_CHANGE)
     """``torch.compile`` backend: ``inductor`` generates kernels; ``aot_eager`` only captures the graphs
     (a quick check that a model compiles)."""
-    max_nonfinite_steps: int = 0
+    max_nonfinite_steps: int = field(default=0, metadata=MAY_CHANGE)
     """Non-finite (NaN/inf) loss or gradient-norm steps to skip on every rank alike before the run stops; 0 =
     stop at the first one (exit 3), never exporting non-finite weights."""
-    tf32: bool = True
+    tf32: bool = field(default=True, metadata=MAY_CHANGE)
     """On NVIDIA GPUs (Ampere and newer), fp32 matmuls use TF32 tensor cores (10-bit mantissa inputs, fp32
     accumulation; ``torch.set_float32_matmul_precision("high")``); no effect on CPU or on bf16 matmuls."""
 
@@ -161,9 +169,9 @@ class EngineConfig:
     ``deepspeed`` (ZeRO), ``fsdp`` (PyTorch FSDP2: parameters, gradients and optimizer state sharded over
     the ranks, one unit per transformer block). ``auto``: ddp under a launcher (RANK/WORLD_SIZE set), else
     single."""
-    zero_stage: int = 0
+    zero_stage: int = field(default=0, metadata=FIXED)
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (shard optimizer state), 2 (+ gradients), 3 (+ parameters)."""
-    offload_optimizer: bool = False
+    offload_optimizer: bool = field(default=False, metadata=FIXED)
     """DeepSpeed ZeRO-Offload: keep optimizer state (and the step) on CPU. Needs zero_stage >= 1."""
     offload_params: bool = False
     """Keep parameters on CPU: DeepSpeed ZeRO-3 parameter offload (needs zero_stage 3), or with
@@ -220,17 +228,17 @@ class LoggingConfig:
 
 @dataclass
 class Config:
-    output_dir: str = "output/run"
+    output_dir: str = field(default="output/run", metadata=MAY_CHANGE)
     """Where config.yaml, metrics.jsonl, tb/, checkpoints/ and final/ go."""
-    overwrite: bool = False
+    overwrite: bool = field(default=False, metadata=MAY_CHANGE)
     """Allow writing into an output_dir that already holds a run (its old files are replaced)."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=FIXED)
+    data: DataConfig = field(default_factory=DataConfig, metadata=FIXED)
+    task: TaskConfig = field(default_factory=TaskConfig, metadata=FIXED)
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=FIXED)
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata=MAY_CHANGE)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=MAY_CHANGE)
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=MAY_CHANGE)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -691,6 +699,22 @@ def validate(cfg: Config) -> None:
         if not Path(c.resume).expanduser().exists():
             raise UserError(f"checkpoint.resume: '{c.resume}' does not exist; give a checkpoints/step-N folder, "
                             "a run's output_dir, or 'auto'")
+
+
+def resume_policies(cls: type = None, inherited: str | None = None, prefix: str = "") -> dict[str, str]:
+    """Every config key (dotted) and whether a resumed run may change it: ``may_change`` or ``fixed``."""
+    cls = cls or Config
+    out = {}
+    for f in dataclasses.fields(cls):
+        policy = f.metadata.get("on_resume", inherited)
+        if policy is None:
+            raise TypeError(f"config field {prefix}{f.name} has no resume policy (metadata=MAY_CHANGE or FIXED)")
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(resume_policies(tp, policy, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = policy
+    return out
 
 
 def to_dict(cfg: Config) -> dict:

@@ -14,17 +14,8 @@ from pathlib import Path
 import yaml
 
 from dist_train.checkpoint import CONFIG_FILE, STATE_FILE, checkpoints, require_valid, verify
-from dist_train.config import Config, to_dict
+from dist_train.config import Config, resume_policies, to_dict
 from dist_train.errors import UserError
-
-# What a resumed run may change. Everything else (model, task, tokenizer, data processing, seed, micro
-# batch, optimizer and schedule) is part of what the checkpoint continues, and changing it is an error.
-ADJUSTABLE = ("output_dir", "overwrite", "data.train", "data.validation", "data.test", "data.num_workers",
-              "data.cache_dir", "train.epochs", "train.max_steps", "train.eval_every", "train.eval_batch_size",
-              "train.grad_accum", "train.max_grad_norm", "engine.", "checkpoint.", "logging.")
-# ...except these engine keys: they change how optimizer state is laid out in the checkpoint.
-FIXED = ("engine.zero_stage", "engine.offload_optimizer")
-
 
 def find_checkpoint(cfg: Config) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The checkpoint ``checkpoint.resume`` asks for, checked against its manifest (None = start fresh), and
@@ -68,12 +59,21 @@ def _flatten(tree, prefix: str = "") -> dict:
     return {prefix[:-1]: tree}
 
 
+def _policy(policies: dict[str, str], key: str) -> str:
+    """The field's policy; keys inside free-form mappings (model.config.*, engine.deepspeed.*) take their
+    field's. A key no field declares (an older version's) is fixed."""
+    while key and key not in policies:
+        key = key.rpartition(".")[0]
+    return policies.get(key, "fixed")
+
+
 def check_config(folder: Path, cfg: Config) -> None:
     """Refuse a resume whose config changes what the checkpoint continues; name the first changes."""
     saved = _flatten(yaml.safe_load((folder / CONFIG_FILE).read_text()))
     now = _flatten(to_dict(cfg))
+    policies = resume_policies()
     changed = [key for key in sorted(saved.keys() | now.keys())
-               if saved.get(key) != now.get(key) and (key in FIXED or not key.startswith(ADJUSTABLE))]
+               if saved.get(key) != now.get(key) and _policy(policies, key) != "may_change"]
     if changed:
         diffs = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
         more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""

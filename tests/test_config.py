@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 
 from conftest import ROOT, assert_user_error, run_cli
-from dist_train.config import Config, load_config
+from dist_train.config import FIXED, MAY_CHANGE, Config, load_config
 from dist_train.errors import UserError
 
 SENTIMENT_YAML = ROOT / "configs" / "sentiment.yaml"
@@ -101,3 +103,47 @@ def test_cli_print_config_resolves_overrides():
 def test_cli_unknown_key_is_one_line_exit_2():
     assert_user_error(run_cli("train", SENTIMENT_YAML, "train.lrr=1e-4"), "unknown key 'train.lrr'",
                       "did you mean 'lr'")
+
+
+def test_every_config_key_declares_what_a_resume_may_change():
+    """The resume policy lives on the fields (dataclass metadata): a field's own mark or its section's."""
+    from dist_train.config import Config, resume_policies, to_dict
+
+    policies = resume_policies()
+    flat_keys = set()
+
+    def walk(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict) and f"{prefix}{key}" not in policies:
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat_keys.add(f"{prefix}{key}")
+
+    walk(to_dict(Config()))
+    assert flat_keys == set(policies)
+    for key in ("model.pretrained", "task.name", "train.lr", "train.seed", "train.micro_batch_size",
+                "data.max_length", "engine.zero_stage", "engine.offload_optimizer"):
+        assert policies[key] == "fixed", key
+    for key in ("train.epochs", "train.grad_accum", "data.train", "engine.kind", "checkpoint.every_steps",
+                "logging.every_steps", "output_dir"):
+        assert policies[key] == "may_change", key
+
+    with pytest.raises(TypeError, match="bare has no resume policy"):
+        resume_policies(_Unmarked)
+    assert resume_policies(_Marked) == {"frozen.new_field": "fixed", "open.new_field": "may_change"}
+
+
+@dataclasses.dataclass
+class _Section:
+    new_field: int = 0  # declared without a mark: inherits the section's
+
+
+@dataclasses.dataclass
+class _Marked:
+    frozen: _Section = dataclasses.field(default_factory=_Section, metadata=FIXED)
+    open: _Section = dataclasses.field(default_factory=_Section, metadata=MAY_CHANGE)
+
+
+@dataclasses.dataclass
+class _Unmarked:
+    bare: int = 0
