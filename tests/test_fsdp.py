@@ -171,23 +171,32 @@ class Payload:
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP saving in one process, on purpose
 def test_checkpoint_loading_runs_no_pickled_code(tmp_path):
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
-    from dist_train.engine.fsdp import DCP_DIR, FSDPEngine, _read
+    from dist_train.engine.fsdp import DCP_DIR, FSDPEngine, _read, _write
     from dist_train.errors import UserError
 
     folder = tmp_path / "ckpt"
-    dcp.save({"model": {"w": torch.ones(3)}, "scheduler": {"last_epoch": 4}}, checkpoint_id=folder / DCP_DIR,
-             no_dist=True)
+    _write(folder / DCP_DIR, {"model": {"w": torch.ones(3)}, "scheduler": {"last_epoch": 4}}, no_dist=True)
     assert FSDPEngine.consolidated_state_dict(folder)["w"].tolist() == [1.0, 1.0, 1.0]
     state = {"scheduler": {"last_epoch": 0}}
     _read(folder / DCP_DIR, state, no_dist=True)
     assert state["scheduler"]["last_epoch"] == 4  # non-tensor entries load (weights-only)
 
+    # Read and write errors reach the CheckpointManager as themselves (DCP wraps them in a BaseException).
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the checkpoint folder should be")
+    with pytest.raises(OSError):
+        _write(blocked / DCP_DIR, {"model": {"w": torch.ones(3)}}, no_dist=True)
+    torn = tmp_path / "torn"
+    _write(torn, {"model": {"w": torch.ones(3)}}, no_dist=True)
+    next(torn.glob("*.distcp")).unlink()
+    with pytest.raises(FileNotFoundError):
+        _read(torn, {"model": {"w": torch.zeros(3)}}, no_dist=True)
+
     # A non-tensor entry that runs code when unpickled (DCP itself would load it with weights_only=False).
     entry = tmp_path / "entry"
-    dcp.save({"scheduler": {"x": Payload(tmp_path / "from-entry")}}, checkpoint_id=entry, no_dist=True)
+    _write(entry, {"scheduler": {"x": Payload(tmp_path / "from-entry")}}, no_dist=True)
     with pytest.raises(UserError, match="refused to load it"):
         _read(entry, {"scheduler": {"x": None}}, no_dist=True)
     assert not (tmp_path / "from-entry").exists()

@@ -184,7 +184,7 @@ class FSDPEngine(DistributedEngine):
         return {"model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
 
     def save(self, folder: str | Path) -> None:
-        dcp.save(self._state(), storage_writer=FileSystemWriter(Path(folder, DCP_DIR)))
+        _write(Path(folder, DCP_DIR), self._state())
 
     def load(self, folder: str | Path, weights_only: bool = False) -> None:
         state = self._state(weights_only)
@@ -200,7 +200,7 @@ class FSDPEngine(DistributedEngine):
     def consolidated_state_dict(cls, folder: str | Path) -> dict:
         """Whole tensors of the size the metadata records, filled from every rank's shards; no process group."""
         reader = SafeReader(Path(folder, DCP_DIR))
-        entries = _guarded(reader.path, reader.read_metadata).state_dict_metadata
+        entries = _unwrapped(reader.path, reader.read_metadata).state_dict_metadata
         model = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
                  for key, meta in entries.items()
                  if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
@@ -260,23 +260,30 @@ class SafePlanner(DefaultLoadPlanner):
                     torch.load(value, weights_only=True))
 
 
-def _guarded(path: Path, fn, *args, **kwargs):
-    """``fn``'s result; a refused unpickling (DCP wraps each rank's error in a CheckpointException) is a
+def _unwrapped(path: Path, fn, *args, **kwargs):
+    """``fn``'s result. DCP wraps every rank's error in a CheckpointException, a BaseException that no caller
+    expects: raise the error itself (an OSError for a full disk, say), and a refused unpickling as a
     UserError naming the checkpoint."""
     try:
         return fn(*args, **kwargs)
-    except (pickle.UnpicklingError, CheckpointException) as exc:
-        errors = [error for error, _ in exc.failures.values()] if isinstance(exc, CheckpointException) else [exc]
-        refused = [e for e in errors if isinstance(e, pickle.UnpicklingError)]
-        if not refused:
-            raise
+    except CheckpointException as exc:
+        errors = [error for error, _ in exc.failures.values()]
+    except pickle.UnpicklingError as exc:
+        errors = [exc]
+    refused = [e for e in errors if isinstance(e, pickle.UnpicklingError)]
+    if refused:
         raise UserError(f"checkpoint '{path}' holds objects other than tensors and DCP metadata "
                         f"({str(refused[0]).splitlines()[0]}); refused to load it (dist-train loads checkpoints "
                         "weights-only)") from None
+    raise errors[0] from None
+
+
+def _write(path: Path, state: dict, no_dist: bool = False) -> None:
+    _unwrapped(path, dcp.save, state, storage_writer=FileSystemWriter(path), no_dist=no_dist)
 
 
 def _read(path: Path, state: dict, no_dist: bool = False) -> None:
     with warnings.catch_warnings():
         # DCP warns on every load without a process group, even when asked for one (no_dist).
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        _guarded(path, dcp.load, state, storage_reader=SafeReader(path), planner=SafePlanner(), no_dist=no_dist)
+        _unwrapped(path, dcp.load, state, storage_reader=SafeReader(path), planner=SafePlanner(), no_dist=no_dist)
