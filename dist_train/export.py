@@ -103,6 +103,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     with torch.device("meta"):
         model = TASKS[meta["task"]].auto_model().from_config(config)
     state_dict = consolidated_state_dict(folder, read_state(folder)["engine"])
+    _fill_tied(model, state_dict)
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     if unexpected or [k for k in missing if k not in _tied(model)]:
         raise UserError(f"export: checkpoint weights do not fit the model (missing {missing[:3]}, "
@@ -121,6 +122,19 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
         out.rmdir()  # empty (checked above)
     os.replace(tmp, out)
     return out
+
+
+def _fill_tied(model, state_dict: dict) -> None:
+    """A tied pair is stored once, under either name (safetensors keeps one of two shared tensors): give
+    the other name the same tensor, so neither half of the pair is left on the meta device."""
+    keys = getattr(model, "_tied_weights_keys", None)
+    if not isinstance(keys, dict):
+        return
+    for target, source in keys.items():
+        if source not in state_dict and target in state_dict:
+            state_dict[source] = state_dict[target]
+        elif target not in state_dict and source in state_dict:
+            state_dict[target] = state_dict[source]
 
 
 def _tied(model) -> set[str]:

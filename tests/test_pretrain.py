@@ -231,6 +231,13 @@ def test_language_model_loss_falls_and_exports_a_loadable_model(task, corpus_dir
     again = json.loads(result.stdout)
     assert again["n"] == reports["test"]["n"] and again["perplexity"] == pytest.approx(reports["test"]["perplexity"],
                                                                                         rel=1e-5)
+    # `dist-train export` of the best checkpoint gives final/'s weights (tied embeddings stored once).
+    from dist_train.export import export_checkpoint
+
+    ckpts = tmp_path / "out" / "checkpoints"
+    best = json.loads((ckpts / (ckpts / "latest").read_text() / "trainer_state.json").read_text())["best_step"]
+    exported = export_checkpoint(ckpts / f"step-{best}", tmp_path / "exported")
+    assert max_diff(exported, tmp_path / "out" / "final") == 0.0
 
 
 def test_sparse_mlm_logits_give_the_same_loss_and_gradients(tokenizers):
