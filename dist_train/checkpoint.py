@@ -3,7 +3,8 @@
 A checkpoint folder holds:
 
 - the engine's files: model, optimizer, scheduler, loss scaler (``model.safetensors`` + ``optimizer.pt``...
-  for single/DDP; DeepSpeed's ``deepspeed/`` folder with one optimizer shard per rank for ZeRO);
+  for single/DDP; DeepSpeed's ``deepspeed/`` folder with one optimizer shard per rank for ZeRO; FSDP's
+  ``dcp/`` folder, torch.distributed.checkpoint's shards, one file per rank);
 - ``rng-rank-R.pt``: each rank's random states (python, numpy, torch CPU and CUDA);
 - ``trainer_state.json``: step, epoch and position in that epoch's plan, best metric, the log sums since
   the last log line, and the world it was written by;
@@ -12,7 +13,9 @@ A checkpoint folder holds:
 - ``manifest.json``: size and CRC-32 of every other file, written last.
 
 It is written into ``.tmp-step-N``, fsynced, and renamed into place (atomic), and only then does ``latest``
-move. A folder whose files do not match its manifest is incomplete or corrupted: never resumed from.
+move. A folder whose files do not match its manifest is incomplete or corrupted: never resumed from, never
+exported, renamed ``step-N.damaged`` when found. At every exit, leftover temporary folders are removed and
+``latest`` names the newest complete checkpoint.
 """
 
 from __future__ import annotations

@@ -184,7 +184,9 @@ class EngineConfig:
     backward (less memory; false keeps them from forward to backward, one all-gather fewer per block and
     micro-batch)."""
     timeout_s: float = 300.0
-    """Collective and barrier timeout in seconds: a rank that never arrives fails the job instead of hanging."""
+    """Collective timeout in seconds: a rank that does not arrive fails the job (naming it) instead of hanging.
+    Where rank 0 works alone (tokenizing, completing a checkpoint, exporting) the others wait as long as
+    it shows a heartbeat, and fail after this long without one."""
 
 
 @dataclass
@@ -231,7 +233,8 @@ class Config:
     output_dir: str = field(default="output/run", metadata=MAY_CHANGE)
     """Where config.yaml, metrics.jsonl, tb/, checkpoints/ and final/ go."""
     overwrite: bool = field(default=False, metadata=MAY_CHANGE)
-    """Allow writing into an output_dir that already holds a run (its old files are replaced)."""
+    """Replace the run in output_dir: its files are kept in ``.previous/`` until the new run has saved its
+    first checkpoint, and put back if it ends before that."""
     model: ModelConfig = field(default_factory=ModelConfig, metadata=FIXED)
     data: DataConfig = field(default_factory=DataConfig, metadata=FIXED)
     task: TaskConfig = field(default_factory=TaskConfig, metadata=FIXED)

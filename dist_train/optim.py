@@ -1,6 +1,7 @@
 """AdamW parameter groups and the learning-rate schedule: the single place both are defined.
 
-Every engine takes its LR from ``lr_factor`` so that single, DDP and DeepSpeed runs agree step for step.
+Every engine builds its optimizer and schedule from these (as factories, on the parameters it trains) and
+takes its LR from ``lr_factor``, so that single, DDP, DeepSpeed and FSDP runs agree step for step.
 """
 
 from __future__ import annotations
