@@ -40,7 +40,7 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    from dist_train.data.sources import check_data_files
+    from dist_train.data import check_data_files
     from dist_train.trainer import train
 
     check_data_files(cfg.data, cfg.task.name)  # a missing file is named by its key, before any work
@@ -78,7 +78,7 @@ def cmd_submit(args) -> int:
         print(render(sargs), end="")
         return 0
     # The job would find these only once it starts, maybe hours later.
-    from dist_train.data.sources import check_data_files
+    from dist_train.data import check_data_files
     from dist_train.run_dir import check_writable
 
     check_writable(Path(cfg.output_dir))

@@ -215,7 +215,7 @@ def test_validation_split_is_carved_from_train(tmp_path, sentiment_slice):
 
 
 def test_check_data_files_names_the_key_and_loads_nothing(tmp_path):
-    from dist_train.data.sources import check_data_files
+    from dist_train.data import check_data_files
 
     good = write(tmp_path, "tsv")
     check_data_files(DataConfig(train=str(good), test=str(good)))

@@ -53,23 +53,6 @@ def _check_readable(path: str, what: str | None = None) -> None:
         raise UserError(f"{where}: the file is empty")
 
 
-def check_data_files(data, task: str = "classification") -> None:
-    """Every data file that ``data`` (a DataConfig) names exists and can be read, without loading any: what
-    `dist-train launch` checks before it starts a worker. Classification reads one table per split;
-    language modelling paths, globs, folders or lists of these (see ``corpus_files``)."""
-    from dist_train.data.corpus import corpus_files
-
-    for split in ("train", "validation", "test"):
-        spec = getattr(data, split)
-        if spec is None:
-            continue
-        if task == "classification":
-            _check_readable(spec, f"data.{split}")
-            file_format(spec)
-        else:
-            corpus_files(spec, f"data.{split}")
-
-
 def _first_non_utf8(path: str) -> str | None:
     """``line N: byte 0x.. at column C`` for the first line that is not UTF-8, or None."""
     with open(path, "rb") as fh:
