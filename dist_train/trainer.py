@@ -77,7 +77,7 @@ class Run:
     def __exit__(self, exc_type, exc, tb) -> None:
         """Every exit path: sinks closed, half-written files removed, the lock released, handlers restored
         and the process group destroyed (in that order, each even if another fails). A collective that
-        timed out or lost a peer becomes one line naming the ranks that did not answer."""
+        timed out becomes one line naming the ranks that did not answer."""
         explained = self.engine.explain_failure(exc) if exc is not None and self.engine is not None else None
         self.teardown.close()
         if explained:

@@ -192,7 +192,7 @@ class Engine:
         return fn()
 
     def explain_failure(self, exc: BaseException) -> str | None:
-        """If ``exc`` is a collective that timed out or lost a peer: one line saying which ranks did not answer."""
+        """If ``exc`` is a collective that timed out: one line saying which ranks did not answer."""
         return None
 
     # -- state ------------------------------------------------------------------------------------------
