@@ -81,8 +81,7 @@ def save_load_throughput(cfg_path: Path, work: Path, repeats: int) -> dict:
     tokenizer = task.load_tokenizer()
     task.prepare(tokenizer)
     model = task.build_model()
-    optimizer = build_optimizer(model, cfg.train)
-    engine.prepare(model, optimizer, build_scheduler(optimizer, cfg.train, 100))
+    engine.prepare(model, lambda m: build_optimizer(m, cfg.train), lambda opt: build_scheduler(opt, cfg.train, 100))
     batch = tokenizer(["a fine film"] * 4, return_tensors="pt")
     engine.backward(engine.forward(**batch).logits.float().sum())
     engine.step()  # Adam state now exists

@@ -97,9 +97,10 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["classification", "causal_lm", "masked_lm"] = "classification"
-    """What to train: ``classification`` (one label per text or text pair), ``causal_lm`` (next-token
-    prediction, GPT-style) or ``masked_lm`` (BERT-style masked tokens)."""
+    name: str = "classification"
+    """What to train, one of the tasks in ``dist_train/tasks`` (their registry): ``classification`` (one label
+    per text or text pair), ``causal_lm`` (next-token prediction, GPT-style) or ``masked_lm`` (BERT-style
+    masked tokens)."""
     label_names: Optional[list[str]] = None
     """Display names for the labels, in sorted order of the label values (e.g. ``[negative, positive]`` for 0/1)."""
     mlm_probability: float = 0.15
@@ -586,12 +587,12 @@ def _check_ints(obj, prefix: str) -> None:
             raise UserError(f"config: {prefix}{f.name} is too large ({value}); it must fit in 64 bits")
 
 
-def _check_paths(key: str, spec, single: bool) -> None:
+def _check_paths(key: str, spec, single: bool, task: str) -> None:
     if spec is None:
         return
     items = [spec] if isinstance(spec, str) else spec
     if single and not isinstance(spec, str):
-        raise UserError(f"config: {key}: classification reads one file; give one path, not a list")
+        raise UserError(f"config: {key}: {task} reads one file; give one path, not a list")
     if not items or any(not item.strip() for item in items):
         raise UserError(f"config: {key} is empty; give a file path{'' if single else ' (or a glob, folder or list)'}")
 
@@ -640,10 +641,16 @@ def validate(cfg: Config) -> None:
     if d.train is None:
         raise UserError("config: data.train is required (a .tsv, .csv, .jsonl or .parquet file; text files "
                         "for language modelling)")
-    classification = cfg.task.name == "classification"
+    from dist_train.tasks import TASKS, task_class
+
+    if cfg.task.name not in TASKS:
+        raise UserError(f"config: task.name '{cfg.task.name}' is not a task; {_suggest(cfg.task.name, list(TASKS))}")
+    task = task_class(cfg.task.name)
+    task.check_config(cfg)
+    tables = task.reads_tables
     for split in ("train", "validation", "test"):
-        _check_paths(f"data.{split}", getattr(d, split), single=classification)
-    if classification:
+        _check_paths(f"data.{split}", getattr(d, split), tables, cfg.task.name)
+    if tables:
         columns = {"data.text_column": d.text_column, "data.text_pair_column": d.text_pair_column,
                    "data.label_column": d.label_column}
         named = [(key, col) for key, col in columns.items() if col is not None]
@@ -663,7 +670,7 @@ def validate(cfg: Config) -> None:
         if m.config is None or m.tokenizer is not None:
             raise UserError("config: model.train_tokenizer trains a tokenizer for a model built from scratch; "
                             "use it with model.config and without model.tokenizer / model.pretrained")
-        if classification:
+        if tables:
             raise UserError("config: model.train_tokenizer is for language modelling (task.name causal_lm or "
                             "masked_lm); pretrain first, then fine-tune with the pretrained model's tokenizer")
         if tt.vocab_size < 300:
@@ -689,9 +696,7 @@ def validate(cfg: Config) -> None:
     c = cfg.checkpoint
     _check_stop_signals(c.stop_signals)
     if c.metric is not None:
-        from dist_train.tasks import TASKS
-
-        metrics = TASKS[cfg.task.name].metrics
+        metrics = task.metrics
         if c.metric not in metrics:
             raise UserError(f"config: checkpoint.metric '{c.metric}' is not a {cfg.task.name} metric; choose one "
                             f"of: {', '.join(metrics)}")

@@ -1,8 +1,8 @@
 """Write a trained model as a plain Hugging Face folder (safetensors, config with labels, tokenizer).
 
-The folder loads with ``AutoModelForSequenceClassification.from_pretrained`` and works in
-``transformers.pipeline``; ``labels.json`` and ``dist_train.json`` add what dist-train's own eval/predict use
-(raw label values and the data columns the model was trained on). ``export_checkpoint`` does the same
+The folder loads with the task's ``AutoModelFor...`` class and works in ``transformers.pipeline``;
+``dist_train.json`` (the task's ``export_meta``) and the task's extra files (``labels.json``) add what
+dist-train's own eval/predict use (raw label values, the data columns the model was trained on). ``export_checkpoint`` does the same
 from any training checkpoint, whatever engine wrote it, in one process and without a launcher.
 """
 
@@ -20,10 +20,12 @@ from dist_train.errors import RunFailed, UserError
 META_FILE = "dist_train.json"
 
 
-def export_model(model, tokenizer, out_dir: str | Path, labels=None, meta: dict | None = None,
-                 state_dict: dict | None = None, weights: bool = True) -> Path:
-    """``state_dict`` (e.g. gathered from ZeRO-3 shards) replaces the model's own tensors when given;
-    ``weights=False`` writes everything but the weights (a checkpoint's description)."""
+def export_model(model, tokenizer, out_dir: str | Path, task, state_dict: dict | None = None,
+                 weights: bool = True) -> Path:
+    """The model, its tokenizer and what ``task`` records for later use (``dist_train.json`` from
+    ``task.export_meta()``, files from ``task.save_extras``). ``state_dict`` (e.g. gathered from ZeRO-3
+    shards) replaces the model's own tensors when given; ``weights=False`` writes everything but the
+    weights (a checkpoint's description)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if weights:
@@ -31,19 +33,9 @@ def export_model(model, tokenizer, out_dir: str | Path, labels=None, meta: dict 
     else:
         model.config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    if labels is not None:
-        labels.save(out)
-    if meta:
-        (out / META_FILE).write_text(json.dumps(meta, indent=2))
+    task.save_extras(out)
+    (out / META_FILE).write_text(json.dumps(task.export_meta(), indent=2))
     return out
-
-
-def export_meta(cfg) -> dict:
-    """What dist-train's own eval/predict read back from an exported folder."""
-    return {"task": cfg.task.name, "text_column": cfg.data.text_column,
-            "text_pair_column": cfg.data.text_pair_column, "label_column": cfg.data.label_column,
-            "max_length": cfg.data.max_length, "text_unit": cfg.data.text_unit,
-            "mlm_probability": cfg.task.mlm_probability, "whole_word_mask": cfg.task.whole_word_mask}
 
 
 def nonfinite(state_dict: dict) -> list[str]:
@@ -51,8 +43,7 @@ def nonfinite(state_dict: dict) -> list[str]:
     return [k for k, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
-def publish(model, tokenizer, out_dir: str | Path, labels=None, meta: dict | None = None,
-            state_dict: dict | None = None) -> Path:
+def publish(model, tokenizer, out_dir: str | Path, task, state_dict: dict | None = None) -> Path:
     """Export to ``out_dir`` without ever leaving less than there was: the weights are checked to be
     finite, the folder is written beside it and swapped in; an earlier export is removed only then."""
     bad = nonfinite(state_dict if state_dict is not None else model.state_dict())
@@ -63,7 +54,7 @@ def publish(model, tokenizer, out_dir: str | Path, labels=None, meta: dict | Non
     tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
-    export_model(model, tokenizer, tmp, labels, meta, state_dict=state_dict)
+    export_model(model, tokenizer, tmp, task, state_dict=state_dict)
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
@@ -86,7 +77,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
     from dist_train.checkpoint import HF_DIR, read_state, require_valid
     from dist_train.engine import consolidated_state_dict
-    from dist_train.tasks import TASKS
+    from dist_train.tasks import task_class
 
     folder = Path(checkpoint)
     if not (folder / HF_DIR).is_dir():
@@ -101,7 +92,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     meta = read_meta(description)
     config = AutoConfig.from_pretrained(description)
     with torch.device("meta"):
-        model = TASKS[meta["task"]].auto_model().from_config(config)
+        model = task_class(meta["task"]).auto_model().from_config(config)
     state_dict = consolidated_state_dict(folder, read_state(folder)["engine"])
     _fill_tied(model, state_dict)
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)

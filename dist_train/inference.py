@@ -6,23 +6,13 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
-from dist_train.config import DataConfig
-from dist_train.data.labels import LabelMap
-from dist_train.data.sources import read_table, require_columns
-from dist_train.data import make_loader
-from dist_train.data.tokenize import model_view, tokenize_table
 from dist_train.engine import SingleEngine
 from dist_train.errors import UserError
 from dist_train.evaluate import evaluate
 from dist_train.export import read_meta
+from dist_train.models import _first_line, check_weights, resolve_model_path
 from dist_train.run_dir import can_write_in
-from dist_train.models import _first_line, check_weights, load_tokenizer, resolve_model_path
-from dist_train.tasks.classification import ClassificationEvaluator, ClassificationTask, read_labelled
-
-
-LM_TASKS = ("causal_lm", "masked_lm")
+from dist_train.tasks import TASKS, task_class, task_of_architectures
 
 
 class ModelFolder:
@@ -42,7 +32,10 @@ class ModelFolder:
             raise UserError(f"MODEL_DIR '{name}': cannot read its config ({_first_line(exc)}); the folder is "
                             "damaged: copy or export the model again") from None
         architectures = self.config.get("architectures") or []
-        self.task = self.meta.get("task") or _task_of(architectures)
+        self.task = self.meta.get("task") or task_of_architectures(architectures)
+        if self.task is not None and self.task not in TASKS:
+            raise UserError(f"MODEL_DIR '{name}' was trained for task '{self.task}', which this dist-train does not "
+                            f"know ({', '.join(TASKS)}); use the version of dist-train that trained it")
         self.model_type = self.config.get("model_type", "transformer")
         check_weights(path, "MODEL_DIR")
 
@@ -52,14 +45,14 @@ class ModelFolder:
 
     def require(self, command: str) -> None:
         """``command`` (predict or eval) can use this folder; else say what the folder is and what to do."""
-        if self.task == "classification" or (command == "eval" and self.task in LM_TASKS):
-            return
-        if self.task in LM_TASKS:
-            raise UserError(f"MODEL_DIR '{self.name}' is a {self.task} model: predict needs a classification "
-                            "model; use dist-train eval for its perplexity")
-        raise UserError(f"MODEL_DIR '{self.name}' is a pretrained {self.model_type} model without a trained "
-                        f"classification head; fine-tune it first (dist-train train with model.pretrained="
-                        f"{self.name}) and {command} with that run's final/ folder")
+        if self.task is None:
+            raise UserError(f"MODEL_DIR '{self.name}' is a pretrained {self.model_type} model without a trained task "
+                            f"head; fine-tune it first (dist-train train with model.pretrained={self.name}) and "
+                            f"{command} with that run's final/ folder")
+        task = task_class(self.task)
+        if command == "predict" and not task.can_predict:
+            raise UserError(f"MODEL_DIR '{self.name}' is a {self.task} model: predict needs a model that predicts "
+                            f"labels; {task.predict_hint}")
 
     def max_length(self, given: int | None) -> int:
         """Tokens per example: ``--max-length``, else as trained, else the model's positions."""
@@ -73,18 +66,6 @@ class ModelFolder:
                                 f"--max-length {positions} or less")
             return given
         return min(self.meta.get("max_length") or positions or 512, positions or 512)
-
-
-def _task_of(architectures: list[str]) -> str | None:
-    """The task of a Hugging Face folder that dist-train did not write, from its model class."""
-    for arch in architectures:
-        if arch.endswith("ForSequenceClassification"):
-            return "classification"
-        if arch.endswith(("ForCausalLM", "LMHeadModel")):
-            return "causal_lm"
-        if arch.endswith("ForMaskedLM"):
-            return "masked_lm"
-    return None
 
 
 def _not_a_model(name: str, path: Path) -> str:
@@ -125,105 +106,39 @@ def check_output_file(path: str, flag: str, inputs: tuple[str | None, ...] = ())
         raise UserError(f"{flag} '{path}' cannot be written: the file is read-only")
 
 
-class LoadedModel:
-    """A classification model folder with its tokenizer, labels and the columns it was trained on."""
+class ModelInUse:
+    """An exported model folder ready to evaluate or predict: the task named in its ``dist_train.json``,
+    rebuilt with what training saved (labels, columns, length) and the command's options on top."""
 
-    def __init__(self, folder: ModelFolder, precision: str = "fp32"):
-        from transformers import AutoModelForSequenceClassification
-
-        self.folder = folder.folder
+    def __init__(self, folder: ModelFolder, options: dict, precision: str = "fp32"):
+        self.folder = folder
+        self.task = task_class(folder.task).for_folder(folder.folder, folder.meta,
+                                                      {k: v for k, v in options.items() if v is not None})
+        self.task.load_tokenizer()
+        self.task.restore(folder.folder)
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(self.folder)
-        except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError, ...: one line each
-            raise UserError(f"MODEL_DIR '{folder.name}': cannot load a classification model: "
-                            f"{_first_line(exc)}") from None
-        self.tokenizer = load_tokenizer(self.folder, what="MODEL_DIR")
-        self.meta = folder.meta
-        self.labels = LabelMap.load(self.folder, model.config)
+            model = self.task.build_model()
+        except UserError as exc:
+            raise UserError(f"MODEL_DIR '{folder.name}': {str(exc).split(': ', 1)[-1]}") from None
         self.engine = SingleEngine(precision=precision)
-        self.engine.prepare(model, None, None)
+        self.engine.prepare(model)
         self.engine.train(False)
 
-    def data_config(self, text_column, pair_column, label_column, max_length: int) -> DataConfig:
-        m = self.meta
-        return DataConfig(text_column=text_column or m.get("text_column", "sentence"),
-                          text_pair_column=pair_column or m.get("text_pair_column"),
-                          label_column=label_column or m.get("label_column", "label"),
-                          max_length=max_length)
+    def evaluate(self, path: str, batch_size: int) -> dict:
+        return evaluate(self.engine, self.task, self.task.split(path, "--data"), batch_size)
 
-    # -- eval ------------------------------------------------------------------------------------------
-    def evaluate(self, path: str, data_cfg: DataConfig, batch_size: int) -> dict:
-        ds, _, ids = read_labelled(path, data_cfg, self.labels)
-        ds = tokenize_table(ds, self.tokenizer, data_cfg.text_column, data_cfg.text_pair_column,
-                            data_cfg.max_length, ids)
-        return evaluate(self.engine, self, ds, batch_size)
+    def predict(self, texts: list[str], pairs: list[str] | None, batch_size: int) -> list[dict]:
+        return self.task.predict(self.engine, texts, pairs, batch_size)
 
-    # The task-side hooks evaluate() needs.
-    inputs = staticmethod(ClassificationTask.inputs)
-    lengths = staticmethod(ClassificationTask.lengths)
-
-    def loader(self, ds, batches, epoch):
-        from transformers import DataCollatorWithPadding
-
-        return make_loader(model_view(ds), batches, DataCollatorWithPadding(self.tokenizer))
-
-    def evaluator(self, device):
-        return ClassificationEvaluator(self.labels, device)
-
-    # -- predict ---------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def predict(self, texts: list[str], pairs: list[str] | None, max_length: int, batch_size: int = 64):
-        """(label name, probability of that label, all probabilities) for each text."""
-        results = []
-        for i in range(0, len(texts), batch_size):
-            enc = self.tokenizer(texts[i:i + batch_size], pairs[i:i + batch_size] if pairs else None,
-                                 truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-            enc = {k: v.to(self.engine.device) for k, v in enc.items()}
-            probs = torch.softmax(self.engine.forward(**enc).logits.float(), dim=-1).cpu()
-            for row in probs:
-                k = int(row.argmax())
-                results.append((self.labels.names[k], float(row[k]), row.tolist()))
-        return results
-
-    def predict_file(self, path: str, out_path: str, data_cfg: DataConfig, batch_size: int) -> int:
-        ds = read_table(path)
-        columns = {"--text-column": data_cfg.text_column}
-        if data_cfg.text_pair_column:
-            columns["--text-pair-column"] = data_cfg.text_pair_column
-        require_columns(ds, path, columns)
-        texts = [t or "" for t in ds[data_cfg.text_column]]
-        pairs = [t or "" for t in ds[data_cfg.text_pair_column]] if data_cfg.text_pair_column else None
-        results = self.predict(texts, pairs, data_cfg.max_length, batch_size)
+    def predict_file(self, path: str, out_path: str, batch_size: int) -> int:
+        texts, pairs, column = self.task.read_texts(path)
+        results = self.predict(texts, pairs, batch_size)
         out = Path(out_path)
         out.parent.mkdir(parents=True, exist_ok=True)  # (checked writable before inference: check_output_file)
         with open(out, "w") as fh:  # plain TSV like the input: no quoting, tabs/newlines in text become spaces
-            header = [data_cfg.text_column, "prediction", "probability"] + [f"p_{n}" for n in self.labels.names]
-            fh.write("\t".join(header) + "\n")
-            for text, (label, prob, probs) in zip(texts, results):
-                row = [" ".join(text.split()), label, f"{prob:.6f}"] + [f"{p:.6f}" for p in probs]
-                fh.write("\t".join(row) + "\n")
+            for i, (text, prediction) in enumerate(zip(texts, results)):
+                columns = self.task.prediction_columns(prediction)
+                if i == 0:
+                    fh.write("\t".join([column, *columns]) + "\n")
+                fh.write("\t".join([" ".join(text.split()), *columns.values()]) + "\n")
         return len(results)
-
-
-def evaluate_language_model(folder: ModelFolder, data: str, text_column: str | None, max_length: int,
-                            batch_size: int, precision: str = "fp32") -> dict:
-    """Loss and perplexity of a causal or masked LM folder on text ``data``, in blocks as in training
-    (masked LM: the fixed evaluation masks)."""
-    from dist_train.config import Config, validate
-    from dist_train.data.corpus import corpus_files
-    from dist_train.tasks import build_task
-
-    corpus_files(data, "--data")  # a missing file is named as the option the user gave
-    meta, cfg = folder.meta, Config()
-    cfg.model.pretrained, cfg.data.train, cfg.task.name = folder.folder, data, folder.task
-    cfg.data.text_column = text_column or meta.get("text_column", "text")
-    cfg.data.text_unit = meta.get("text_unit", "line")
-    cfg.data.max_length = max_length
-    cfg.task.mlm_probability = meta.get("mlm_probability", 0.15)
-    cfg.task.whole_word_mask = bool(meta.get("whole_word_mask", False))
-    validate(cfg)
-    task = build_task(cfg)
-    blocks = task.prepare(task.load_tokenizer()).train
-    engine = SingleEngine(precision=precision)
-    engine.prepare(task.build_model(), None, None)
-    return evaluate(engine, task, blocks, batch_size)

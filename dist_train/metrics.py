@@ -75,8 +75,9 @@ def scalars(record: dict) -> dict[str, float]:
             and math.isfinite(v)}
 
 
-def summary_line(prefix: str, report: dict) -> str:
-    keys = [k for k in ("loss", "accuracy", "f1_macro", "perplexity") if k in report]
+def summary_line(prefix: str, report: dict, keys: tuple[str, ...]) -> str:
+    """``prefix: loss 0.1234 accuracy 0.9000 (n=37)``: the task's summary keys that the report has."""
+    keys = [k for k in keys if isinstance(report.get(k), (int, float))]
     return f"{prefix}: " + " ".join(f"{k} {report[k]:.4f}" for k in keys) + f" (n={report.get('n', '?')})"
 
 

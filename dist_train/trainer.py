@@ -26,7 +26,7 @@ from dist_train.data.sampler import step_windows, train_plan
 from dist_train.engine import build_engine
 from dist_train.errors import RunFailed, UserError
 from dist_train.evaluate import evaluate
-from dist_train.export import export_meta, export_model, publish
+from dist_train.export import export_model, publish
 from dist_train.faults import Faults
 from dist_train.metrics import MetricsSink, peak_memory_mb, peak_tflops, summary_line
 from dist_train.optim import build_optimizer, build_scheduler
@@ -112,7 +112,7 @@ class Run:
         if self.metric not in task.metrics:
             raise UserError(f"checkpoint.metric '{self.metric}' is not a {task.name} metric; "
                             f"choose one of: {', '.join(task.metrics)}")
-        self.maximize = (cfg.checkpoint.mode or ("min" if self.metric in ("loss", "perplexity") else "max")) == "max"
+        self.maximize = cfg.checkpoint.mode == "max" if cfg.checkpoint.mode else task.maximize(self.metric)
         def prepare():
             self.tokenizer = task.load_tokenizer()
             self.splits = task.prepare(self.tokenizer)
@@ -142,7 +142,7 @@ class Run:
         e.prepare(model, lambda m: build_optimizer(m, t), lambda opt: build_scheduler(opt, t, s.total_steps))
 
         def describe(folder):  # what export needs besides the weights
-            export_model(e.unwrapped, self.tokenizer, folder, self.task.labels, export_meta(cfg), weights=False)
+            export_model(e.unwrapped, self.tokenizer, folder, self.task, weights=False)
 
         self.ckpt = CheckpointManager(cfg.output_dir, cfg.checkpoint.keep_last_n, e, describe, self.faults)
         # Running sums since the last log line, kept on device: no host sync on ordinary steps.
@@ -329,7 +329,7 @@ class Run:
         self.reports["validation"] = report
         if self.sink:
             self.sink.write("validation", s.step, {"epoch": s.epoch_progress(self.plan_len), **report})
-            self.bar.write(summary_line(f"step {s.step} validation", report))
+            self.bar.write(summary_line(f"step {s.step} validation", report, self.task.summary))
         value = report[self.metric]
         if math.isfinite(value) and (s.best_metric is None or
                                      (value > s.best_metric if self.maximize else value < s.best_metric)):
@@ -394,7 +394,7 @@ class Run:
             if e.is_main:
                 self.run_dir.write("eval_report.json", json.dumps(report, indent=2))  # small: no wait needed
                 self.sink.write("test", s.step, report)
-                print(summary_line("test", report), flush=True)
+                print(summary_line("test", report, self.task.summary), flush=True)
         if self.signals.received:
             self.reports["exit_code"] = self.signals.exit_code
         return self.reports
@@ -418,8 +418,8 @@ class Run:
         """final/: written beside the old one and swapped in; refused (on every rank) if not finite."""
         e = self.engine
         state_dict = e.full_state_dict()
-        e.run_on_main(lambda: publish(e.unwrapped, self.tokenizer, self.run_dir.out / "final", self.task.labels,
-                                      export_meta(self.cfg), state_dict=state_dict) and None, "exporting final/")
+        e.run_on_main(lambda: publish(e.unwrapped, self.tokenizer, self.run_dir.out / "final", self.task,
+                                      state_dict=state_dict) and None, "exporting final/")
 
 
 def rank_stats(engine) -> dict:

@@ -102,17 +102,17 @@ def _model_folder(args, command: str):
     return folder, max_length
 
 
+def _options(args, max_length: int) -> dict:
+    """The data options of eval/predict that override what the folder was trained with."""
+    return {"text_column": args.text_column, "text_pair_column": args.text_pair_column,
+            "label_column": getattr(args, "label_column", None), "max_length": max_length}
+
+
 def cmd_eval(args) -> int:
-    from dist_train.inference import LM_TASKS, LoadedModel, evaluate_language_model
+    from dist_train.inference import ModelInUse
 
     folder, max_length = _model_folder(args, "eval")
-    if folder.task in LM_TASKS:
-        report = evaluate_language_model(folder, args.data, args.text_column, max_length, args.batch_size,
-                                         args.precision)
-    else:
-        model = LoadedModel(folder, args.precision)
-        data_cfg = model.data_config(args.text_column, args.text_pair_column, args.label_column, max_length)
-        report = model.evaluate(args.data, data_cfg, args.batch_size)
+    report = ModelInUse(folder, _options(args, max_length), args.precision).evaluate(args.data, args.batch_size)
     text = json.dumps(report, indent=2)
     if args.output:
         with open(args.output, "w") as fh:
@@ -123,7 +123,7 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
     from dist_train.errors import UserError
-    from dist_train.inference import LoadedModel
+    from dist_train.inference import ModelInUse
 
     if bool(args.texts) == bool(args.file):
         raise UserError("predict: give either texts to classify or --file FILE (with --output FILE)")
@@ -132,14 +132,13 @@ def cmd_predict(args) -> int:
     if args.output and not args.file:
         raise UserError("predict: --output goes with --file FILE; texts given on the command line are printed")
     folder, max_length = _model_folder(args, "predict")
-    model = LoadedModel(folder, args.precision)
-    data_cfg = model.data_config(args.text_column, args.text_pair_column, None, max_length)
+    model = ModelInUse(folder, _options(args, max_length), args.precision)
     if args.file:
-        n = model.predict_file(args.file, args.output, data_cfg, args.batch_size)
+        n = model.predict_file(args.file, args.output, args.batch_size)
         print(f"wrote {n} predictions to {args.output}")
         return 0
-    for text, (label, prob, _) in zip(args.texts, model.predict(args.texts, None, max_length, args.batch_size)):
-        print(f"{label}\t{prob:.4f}\t{text}")
+    for text, prediction in zip(args.texts, model.predict(args.texts, None, args.batch_size)):
+        print(model.task.format_prediction(text, prediction))
     return 0
 
 
@@ -341,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dist-train: interrupted", file=sys.stderr, flush=True)
         return 130
+    except BrokenPipeError:  # `dist-train eval ... | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout again at exit)
+        return 0
     except Exception:
         from launcher.launch import peer_error
 

@@ -1,12 +1,32 @@
-"""Tasks: each supplies its data preparation, model head, loss and metrics; the loop is the same for all."""
+"""Tasks: each supplies its data preparation, model head, loss, metrics and use; the loop is the same for all.
+
+The registry maps ``task.name`` to its class ("module:Class", imported on use, so that reading a config
+imports no model code). A new task is one module here and one line below.
+"""
 
 from __future__ import annotations
 
-from dist_train.tasks.classification import ClassificationTask
-from dist_train.tasks.language_modeling import CausalLMTask, MaskedLMTask
+import importlib
 
-TASKS = {task.name: task for task in (ClassificationTask, CausalLMTask, MaskedLMTask)}
+TASKS = {
+    "classification": "dist_train.tasks.classification:ClassificationTask",
+    "causal_lm": "dist_train.tasks.language_modeling:CausalLMTask",
+    "masked_lm": "dist_train.tasks.language_modeling:MaskedLMTask",
+}
+
+
+def task_class(name: str):
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def build_task(cfg):
-    return TASKS[cfg.task.name](cfg)
+    return task_class(cfg.task.name)(cfg)
+
+
+def task_of_architectures(architectures: list[str]) -> str | None:
+    """The task of a Hugging Face folder that dist-train did not write, from its model class names."""
+    for name in TASKS:
+        if any(arch.endswith(task_class(name).architectures) for arch in architectures):
+            return name
+    return None

@@ -1,16 +1,41 @@
-"""What every task shares: its tokenizer, the view of a batch the loop needs, and a DataLoader over a split.
+"""The Task seam: everything the training loop, evaluation, export, ``eval`` and ``predict`` ask of a task.
 
-A task supplies what the loop must not know: its data, its model head, its loss and its metrics.
+A task supplies what the rest of dist-train must not know: its data, its model head, its loss, its metrics
+(and which way they are better), what its export records, and how an exported folder is used. The loop,
+``evaluate``, ``export`` and the CLI call only the hooks below, in this order:
+
+Training (``dist_train/trainer.py``), on every rank:
+  1. ``check_config(cfg)`` (a classmethod, from ``config.validate``: before anything is read);
+  2. ``load_tokenizer()`` then ``prepare(tokenizer)`` -> ``Splits`` (rank 0 first, into the cache; the
+     other ranks then load the cache);
+  3. ``lengths(split)`` and ``fingerprint(split)`` (batch plans, and the identity a resume checks);
+  4. ``build_model()``;
+  5. each step: ``loader(split, batches, epoch)``, then per micro-batch ``inputs(batch)``, ``count(batch)``,
+     ``loss_sum(outputs, batch)`` and ``tokens(batch)``;
+  6. each evaluation (``dist_train/evaluate.py``): ``evaluator(device)`` -> ``update(outputs, batch)`` per
+     batch -> ``compute(all_reduce_sum)``; ``maximize(metric)`` says which way the metric is better;
+  7. every checkpoint and the final export: ``export_meta()`` and ``save_extras(folder)``.
+
+Use of an exported folder (``dist-train eval`` / ``predict``, ``dist_train/inference.py``): the CLI reads
+the folder's ``dist_train.json``, builds the task named there with ``for_folder(folder, meta, options)``,
+then ``load_tokenizer()``, ``restore(folder)`` (what training learned: label maps), ``build_model()``, and
+either ``split(path, "--data")`` + the evaluation hooks above, or ``predict(...)`` -> rows printed with
+``format_prediction`` / written with ``prediction_columns``.
 """
 
 from __future__ import annotations
 
+import abc
+import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from dist_train.data import make_loader
-from dist_train.models import load_tokenizer
+from dist_train.errors import UserError
+from dist_train.models import build_model, load_tokenizer
 
 
 @dataclass
@@ -18,29 +43,97 @@ class Splits:
     train: object
     validation: object | None
     test: object | None
-    labels: object | None = None
-    """The label map of a classification task (None for language modelling)."""
 
 
-class Task:
-    name = ""
-    metrics: tuple[str, ...] = ()
+class Task(abc.ABC):
+    name: ClassVar[str] = ""
+    metrics: ClassVar[tuple[str, ...]] = ()
     """Validation metrics that can pick the best checkpoint; the first is the default."""
+    lower_is_better: ClassVar[frozenset[str]] = frozenset({"loss"})
+    """The metrics where smaller is better (``maximize``)."""
+    architectures: ClassVar[tuple[str, ...]] = ()
+    """Suffixes of Hugging Face architecture names that mean this task (a folder dist-train did not write)."""
+    summary: ClassVar[tuple[str, ...]] = ("loss",)
+    """Report keys of the one-line evaluation summary."""
+    reads_tables: ClassVar[bool] = True
+    """One table file per split (``.tsv``, ``.jsonl``, ...) with named columns; False: text corpora (paths,
+    globs, folders, lists)."""
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.labels = None
         self.tokenizer = None
 
+    # -- config ------------------------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Refuse config values this task cannot use (a UserError naming the key), before any file is read."""
+
+    # -- data --------------------------------------------------------------------------------------------
     def load_tokenizer(self):
         m = self.cfg.model
-        return load_tokenizer(m.tokenizer or m.pretrained, m.trust_remote_code,
-                              what="model.tokenizer" if m.tokenizer else "model.pretrained")
+        self.tokenizer = load_tokenizer(m.tokenizer or m.pretrained, m.trust_remote_code,
+                                        what="model.tokenizer" if m.tokenizer else "model.pretrained")
+        return self.tokenizer
+
+    @abc.abstractmethod
+    def prepare(self, tokenizer) -> Splits:
+        """Read, check and tokenize ``data.train`` / ``validation`` / ``test`` (cached); learn from train what
+        the model needs (a label map)."""
+
+    @abc.abstractmethod
+    def split(self, path, what: str):
+        """One more file of the kind ``prepare`` reads, tokenized with what training learned (``what`` names
+        it in errors: ``data.test``, ``--data``)."""
+
+    @abc.abstractmethod
+    def lengths(self, ds) -> list[int]:
+        """Tokens per example (batch plans group similar lengths)."""
+
+    @abc.abstractmethod
+    def fingerprint(self, ds) -> dict:
+        """The training set's identity (``dist_train.data.fingerprint``): a resume refuses other data."""
+
+    @abc.abstractmethod
+    def view(self, ds):
+        """What the DataLoader indexes (the model's columns of ``ds``)."""
+
+    @abc.abstractmethod
+    def collator(self, epoch: int):
+        """Builds one batch from examples (padding, masking); ``epoch`` seeds anything random."""
 
     def loader(self, ds, batches: list[list[int]], epoch: int, num_workers: int = 0, pin_memory: bool = False):
         """A DataLoader over ``batches`` (index lists into ``ds``) of epoch ``epoch``."""
         return make_loader(self.view(ds), batches, self.collator(epoch), num_workers, pin_memory,
                            seed=self.cfg.train.seed)
+
+    # -- model -------------------------------------------------------------------------------------------
+    @staticmethod
+    @abc.abstractmethod
+    def auto_model():
+        """The transformers auto class of this task's models (export rebuilds models through it)."""
+
+    def head_kwargs(self) -> dict:
+        """Config keys of the task head (number of labels, their names, problem type)."""
+        return {}
+
+    def build_model(self):
+        return build_model(self.cfg.model, self.auto_model(), self.tokenizer, self.cfg.data.max_length,
+                           **self.head_kwargs())
+
+    # -- the step ----------------------------------------------------------------------------------------
+    def inputs(self, batch: dict) -> dict:
+        """The model's keyword arguments (targets are not passed: the task computes its own loss)."""
+        return {k: v for k, v in batch.items() if k != "labels"}
+
+    @abc.abstractmethod
+    def count(self, batch: dict) -> torch.Tensor:
+        """How many loss targets the batch holds, as a float64 tensor on its device."""
+
+    @abc.abstractmethod
+    def loss_sum(self, outputs, batch: dict) -> torch.Tensor:
+        """The loss SUMMED over the batch's targets: the loop divides by the global target count, so every
+        target weighs the same however batches are split over micro-batches and ranks."""
 
     @staticmethod
     def tokens(batch: dict) -> torch.Tensor:
@@ -49,13 +142,77 @@ class Task:
         return mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
 
     @staticmethod
-    def inputs(batch: dict) -> dict:
-        return {k: v for k, v in batch.items() if k != "labels"}
-
-    @staticmethod
     def count_of(targets: torch.Tensor) -> torch.Tensor:
         """How many loss targets ``targets`` holds (-100 = none), as float64 on its device."""
         return (targets != -100).sum().to(torch.float64)
+
+    # -- evaluation --------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def evaluator(self, device):
+        """Additive evaluation state on ``device``: ``update(outputs, batch)``, then
+        ``compute(all_reduce_sum) -> report`` (the same report on every rank, every example counted once)."""
+
+    @classmethod
+    def maximize(cls, metric: str) -> bool:
+        return metric not in cls.lower_is_better
+
+    # -- export and use ----------------------------------------------------------------------------------
+    def export_meta(self) -> dict:
+        """What ``dist_train.json`` in an export records, for ``for_folder`` to rebuild this task."""
+        return {"task": self.name, "max_length": self.cfg.data.max_length}
+
+    def save_extras(self, folder: Path) -> None:
+        """Files besides weights, config and tokenizer that an export needs (e.g. ``labels.json``)."""
+
+    @classmethod
+    def for_folder(cls, folder: str, meta: dict, options: dict) -> "Task":
+        """This task, rebuilt to evaluate or predict with an exported model ``folder`` (its ``meta`` from
+        ``dist_train.json``; ``options``: the command's non-empty data options, e.g. ``text_column``)."""
+        from dist_train.config import Config
+
+        cfg = Config()
+        cfg.model.pretrained, cfg.task.name = folder, cls.name
+        known = {f for f in vars(cfg.data)}
+        for key, value in {**meta, **options}.items():
+            if key in known and value is not None:
+                setattr(cfg.data, key, value)
+        for key in vars(cfg.task):
+            if key in meta and key != "name":
+                setattr(cfg.task, key, meta[key])
+        return cls(cfg)
+
+    def restore(self, folder: str) -> None:
+        """Take back what training learned and the export saved (label maps); nothing for most tasks."""
+
+    can_predict: ClassVar[bool] = False
+    """Whether ``dist-train predict`` applies (else ``predict_hint`` says what to use instead)."""
+    predict_hint: ClassVar[str] = ""
+
+    def predict(self, engine, texts: list[str], pairs: list[str] | None, batch_size: int) -> list[dict]:
+        """One prediction (a dict) per text; only tasks with ``can_predict``."""
+        raise UserError(f"predict: a {self.name} model does not predict labels; {self.predict_hint}")
+
+    def format_prediction(self, text: str, prediction: dict) -> str:
+        """The line ``dist-train predict`` prints for one text."""
+        raise NotImplementedError
+
+    def prediction_columns(self, prediction: dict) -> dict[str, str]:
+        """The columns ``predict --file`` writes for one input row (after the text)."""
+        raise NotImplementedError
+
+    def read_texts(self, path: str) -> tuple[list[str], list[str] | None, str]:
+        """(texts, pairs or None, name of the text column) of a file to predict on."""
+        from dist_train.data.sources import read_table, require_columns
+
+        d = self.cfg.data
+        ds = read_table(path)
+        columns = {"--text-column": d.text_column}
+        if d.text_pair_column:
+            columns["--text-pair-column"] = d.text_pair_column
+        require_columns(ds, path, columns)
+        texts = [t or "" for t in ds[d.text_column]]
+        pairs = [t or "" for t in ds[d.text_pair_column]] if d.text_pair_column else None
+        return texts, pairs, d.text_column
 
 
 class SumEvaluator:
@@ -69,8 +226,6 @@ class SumEvaluator:
         self.state += torch.stack([self.task.loss_sum(outputs, batch).double(), self.task.count(batch)])
 
     def compute(self, all_reduce_sum) -> dict:
-        import math
-
         loss_sum, n = all_reduce_sum(self.state).tolist()
         loss = loss_sum / max(n, 1)
         return {"n": int(n), "loss": loss, "perplexity": math.exp(min(loss, 700.0))}

@@ -15,7 +15,6 @@ from dist_train.data.corpus import TokenBlocks, read_corpus, tokenize_corpus
 from dist_train.data.fingerprint import data_fingerprint
 from dist_train.data.new_tokenizer import cached_tokenizer
 from dist_train.errors import UserError
-from dist_train.models import build_model
 from dist_train.tasks.base import Splits, SumEvaluator, Task
 
 
@@ -27,6 +26,10 @@ def cache_root(cfg) -> str:
 
 class LanguageModelTask(Task):
     metrics = ("loss", "perplexity")
+    lower_is_better = frozenset({"loss", "perplexity"})
+    summary = ("loss", "perplexity")
+    reads_tables = False
+    predict_hint = "use dist-train eval for its perplexity on text"
     separator = ""
     """How documents are joined in the stream: ``eos`` token after each, or the tokenizer's ``special`` tokens."""
 
@@ -45,34 +48,36 @@ class LanguageModelTask(Task):
         spec = self.cfg.model.train_tokenizer
         if spec.kind is None:
             return super().load_tokenizer()
-        return cached_tokenizer(spec, self.corpus(self.cfg.data.train, "data.train"), cache_root(self.cfg))
+        self.tokenizer = cached_tokenizer(spec, self.corpus(self.cfg.data.train, "data.train"), cache_root(self.cfg))
+        return self.tokenizer
 
     # -- data ------------------------------------------------------------------------------------------
     def prepare(self, tokenizer) -> Splits:
         self.tokenizer = tokenizer
         d = self.cfg.data
-
-        def blocks(spec, what):
-            stream = tokenize_corpus(self.corpus(spec, what), tokenizer, self.separator, d.num_proc,
-                                     cache_root(self.cfg), what)
-            found = TokenBlocks(stream, d.max_length)
-            if len(found) == 0:
-                raise UserError(f"{what}: the corpus has {stream.num_tokens} tokens, fewer than one block of "
-                                f"data.max_length={d.max_length}; give more text or lower data.max_length")
-            return found
-
-        train = blocks(d.train, "data.train")
+        train = self.split(d.train, "data.train")
         validation = test = None
         if d.validation:
-            validation = blocks(d.validation, "data.validation")
+            validation = self.split(d.validation, "data.validation")
         elif d.validation_split > 0:
             if len(train) < 2:
                 raise UserError(f"data.validation_split: data.train has only {len(train)} block of "
                                 f"{d.max_length} tokens; nothing to split")
             train, validation = train.split(d.validation_split, d.split_seed)
         if d.test:
-            test = blocks(d.test, "data.test")
+            test = self.split(d.test, "data.test")
         return Splits(train, validation, test)
+
+    def split(self, spec, what: str):
+        """The blocks of a corpus (paths, globs, folders or a list of these)."""
+        d = self.cfg.data
+        stream = tokenize_corpus(self.corpus(spec, what), self.tokenizer, self.separator, d.num_proc,
+                                 cache_root(self.cfg), what)
+        found = TokenBlocks(stream, d.max_length)
+        if len(found) == 0:
+            raise UserError(f"{what}: the corpus has {stream.num_tokens} tokens, fewer than one block of "
+                            f"data.max_length={d.max_length}; give more text or lower data.max_length")
+        return found
 
     @staticmethod
     def lengths(ds) -> list[int]:
@@ -86,17 +91,18 @@ class LanguageModelTask(Task):
     def view(ds):
         return ds
 
-    # -- model -----------------------------------------------------------------------------------------
-    def build_model(self):
-        return build_model(self.cfg.model, self.auto_model(), self.tokenizer, self.cfg.data.max_length)
-
     def evaluator(self, device):
         return SumEvaluator(self, device)
+
+    def export_meta(self) -> dict:
+        d = self.cfg.data
+        return {**super().export_meta(), "text_column": d.text_column, "text_unit": d.text_unit}
 
 
 class CausalLMTask(LanguageModelTask):
     name = "causal_lm"
     separator = "eos"
+    architectures = ("ForCausalLM", "LMHeadModel")
 
     @staticmethod
     def auto_model():
@@ -127,6 +133,7 @@ class CausalLMTask(LanguageModelTask):
 class MaskedLMTask(LanguageModelTask):
     name = "masked_lm"
     separator = "special"
+    architectures = ("ForMaskedLM",)
 
     def load_tokenizer(self):
         tokenizer = super().load_tokenizer()
@@ -160,6 +167,10 @@ class MaskedLMTask(LanguageModelTask):
     def inputs(self, batch: dict) -> dict:
         self._targets = batch["labels"] != -100  # read by the projection hook in this batch's forward
         return {"input_ids": batch["input_ids"]}
+
+    def export_meta(self) -> dict:
+        t = self.cfg.task
+        return {**super().export_meta(), "mlm_probability": t.mlm_probability, "whole_word_mask": t.whole_word_mask}
 
     @staticmethod
     def count(batch: dict) -> torch.Tensor:
