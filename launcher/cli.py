@@ -41,9 +41,11 @@ def cmd_train(args) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     from dist_train.data import check_data_files
+    from dist_train.tasks import task_class
     from dist_train.trainer import train
 
-    check_data_files(cfg.data, cfg.task.name)  # a missing file is named by its key, before any work
+    # A missing file is named by its key, before any work.
+    check_data_files(cfg.data, task_class(cfg.task.name).reads_tables)
     return train(cfg).get("exit_code", 0)
 
 
@@ -79,10 +81,11 @@ def cmd_submit(args) -> int:
         return 0
     # The job would find these only once it starts, maybe hours later.
     from dist_train.data import check_data_files
+    from dist_train.tasks import task_class
     from dist_train.run_dir import check_writable
 
     check_writable(Path(cfg.output_dir))
-    check_data_files(cfg.data, cfg.task.name)
+    check_data_files(cfg.data, task_class(cfg.task.name).reads_tables)
     job_id, log = submit(sargs)
     print(f"submitted job {job_id}; log: {log}; output: {sargs.output_dir}/job-{job_id}")
     return 0

@@ -224,9 +224,9 @@ def test_check_data_files_names_the_key_and_loads_nothing(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.txt").write_text("Some text.\n")
-    check_data_files(DataConfig(train=[str(corpus), str(corpus / "*.txt")]), "causal_lm")
+    check_data_files(DataConfig(train=[str(corpus), str(corpus / "*.txt")]), tables=False)
     with pytest.raises(UserError, match=r"data\.test: no file matches"):
-        check_data_files(DataConfig(train=str(corpus), test=str(tmp_path / "*.md")), "masked_lm")
+        check_data_files(DataConfig(train=str(corpus), test=str(tmp_path / "*.md")), tables=False)
 
 
 @pytest.mark.parametrize("name, content, needle", [

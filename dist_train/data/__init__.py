@@ -21,15 +21,15 @@ def make_loader(ds, batches: list[list[int]], collate_fn, num_workers: int = 0, 
                       generator=torch.Generator().manual_seed(seed))
 
 
-def check_data_files(data, task: str = "classification") -> None:
+def check_data_files(data, tables: bool = True) -> None:
     """Every data file that ``data`` (a DataConfig) names exists and can be read, without loading any: what
-    `dist-train launch` checks before it starts a worker. Classification reads one table per split;
-    language modelling paths, globs, folders or lists of these (see ``corpus_files``)."""
+    `dist-train launch` checks before it starts a worker. ``tables``: one table per split (the task's
+    ``reads_tables``); else corpora - paths, globs, folders or lists of these (see ``corpus_files``)."""
     for split in ("train", "validation", "test"):
         spec = getattr(data, split)
         if spec is None:
             continue
-        if task == "classification":
+        if tables:
             _check_readable(spec, f"data.{split}")
             file_format(spec)
         else:
