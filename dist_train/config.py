@@ -73,6 +73,10 @@ class DataConfig:
     """Column holding the text."""
     text_pair_column: Optional[str] = None
     """Optional second text column for sentence-pair tasks."""
+    tag_column: Optional[Union[int, str]] = None
+    """token_classification, CoNLL-style files: the column holding the tag, an index (0 = the first, -1 =
+    the last) or a name the file declares in a first line ``# global.columns = ...``; null = the last
+    column. (JSON lines hold lists in ``text_column`` / ``label_column`` instead.)"""
     label_column: str = "label"
     """Column holding the label (ints or strings)."""
     validation_split: float = 0.0
@@ -106,6 +110,9 @@ class TaskConfig:
     mlm_probability: float = 0.15
     """masked_lm: fraction of tokens selected as targets; of those 80% become [MASK], 10% a random token, 10% stay."""
     whole_word_mask: bool = False
+    label_all_tokens: bool = False
+    """token_classification: every sub-word piece of a word carries the word's tag in the loss; false = only
+    the first piece (the others are ignored). Either way a word is scored and predicted by its first piece."""
     """masked_lm: select whole words (all their word pieces) instead of single tokens."""
 
 

@@ -40,12 +40,11 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    from dist_train.data import check_data_files
     from dist_train.tasks import task_class
     from dist_train.trainer import train
 
     # A missing file is named by its key, before any work.
-    check_data_files(cfg.data, task_class(cfg.task.name).reads_tables)
+    task_class(cfg.task.name).check_files(cfg.data)
     return train(cfg).get("exit_code", 0)
 
 
@@ -80,12 +79,11 @@ def cmd_submit(args) -> int:
         print(render(sargs), end="")
         return 0
     # The job would find these only once it starts, maybe hours later.
-    from dist_train.data import check_data_files
     from dist_train.tasks import task_class
     from dist_train.run_dir import check_writable
 
     check_writable(Path(cfg.output_dir))
-    check_data_files(cfg.data, task_class(cfg.task.name).reads_tables)
+    task_class(cfg.task.name).check_files(cfg.data)
     job_id, log = submit(sargs)
     print(f"submitted job {job_id}; log: {log}; output: {sargs.output_dir}/job-{job_id}")
     return 0

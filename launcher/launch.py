@@ -157,7 +157,6 @@ def check_slurm_grant(nproc_per_node: int) -> None:
 
 def preflight(cfg, nnodes: int = 1) -> None:
     """What the workers would find wrong at their start, found before any of them exists; writes nothing."""
-    from dist_train.data import check_data_files
     from dist_train.tasks import task_class
     from dist_train.models import check_weights, resolve_model_path
     from dist_train.run_dir import check_writable
@@ -172,7 +171,7 @@ def preflight(cfg, nnodes: int = 1) -> None:
         check_weights(resolve_model_path(m.pretrained), "model.pretrained")
     if m.tokenizer is not None:
         resolve_model_path(m.tokenizer, "model.tokenizer")
-    check_data_files(cfg.data, task_class(cfg.task.name).reads_tables)
+    task_class(cfg.task.name).check_files(cfg.data)
     if cfg.train.precision == "fp16" and not _has_cuda():
         raise UserError("train.precision=fp16 needs a CUDA GPU; on CPU use train.precision=bf16 (or fp32)")
 

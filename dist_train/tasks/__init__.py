@@ -14,6 +14,7 @@ TASKS = {
     "masked_lm": "dist_train.tasks.language_modeling:MaskedLMTask",
 }
 
+    "token_classification": "dist_train.tasks.token_classification:TokenClassificationTask",
 
 def task_class(name: str):
     module, cls = TASKS[name].split(":")

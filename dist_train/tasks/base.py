@@ -70,6 +70,14 @@ class Task(abc.ABC):
         """Refuse config values this task cannot use (a UserError naming the key), before any file is read."""
 
     # -- data --------------------------------------------------------------------------------------------
+    @classmethod
+    def check_files(cls, data) -> None:
+        """Every file that ``data`` (a DataConfig) names exists and is of a kind this task reads, without
+        loading any: what ``train``, ``launch`` and ``submit`` check before any work."""
+        from dist_train.data import check_data_files
+
+        check_data_files(data, cls.reads_tables)
+
     def load_tokenizer(self):
         m = self.cfg.model
         self.tokenizer = load_tokenizer(m.tokenizer or m.pretrained, m.trust_remote_code,
