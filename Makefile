@@ -25,5 +25,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# WNUT-16 NER tweets into data/wnut16/ (fetched, checked, split; not committed: see data/wnut16/README.md).
+.PHONY: wnut16
+wnut16:
+	data/fetch_wnut16.sh
+
 clean:
 	rm -rf $(VENV) output

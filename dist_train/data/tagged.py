@@ -47,7 +47,7 @@ def where(path: str, at: int, token: int | None = None) -> str:
 def read_tagged(path: str, data_cfg, what: str):
     """The sentences of ``path`` (checked: every token has its tag, no sentence is empty)."""
     _check_readable(path, what)
-    ds = _read_conll(path, data_cfg) if is_conll(path) else _read_table(path, data_cfg)
+    ds = _read_conll(path, data_cfg, what) if is_conll(path) else _read_table(path, data_cfg)
     if len(ds) == 0:
         raise UserError(f"{what}: '{path}' holds no sentences")
     return ds
@@ -103,7 +103,7 @@ def conll_sentences(path: str, word: int, tag: int, comments: bool, stamp=None):
         yield {"tokens": tokens, "tags": tags, "at": start}
 
 
-def _read_conll(path: str, data_cfg):
+def _read_conll(path: str, data_cfg, what: str):
     import datasets
 
     _check_utf8(path)
@@ -111,17 +111,22 @@ def _read_conll(path: str, data_cfg):
     st = os.stat(path)
     datasets.disable_progress_bars()
     try:
+        # Declared features: a file without sentences is an empty dataset, not a schema that cannot be inferred.
+        features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
+                                      "tags": datasets.Sequence(datasets.Value("string")), "at": datasets.Value("int64")})
         return datasets.Dataset.from_generator(
-            conll_sentences, cache_dir=data_cfg.cache_dir,
+            conll_sentences, features=features, cache_dir=data_cfg.cache_dir,
             gen_kwargs={"path": str(Path(path).resolve()), "word": word, "tag": tag, "comments": comments,
                         "stamp": (st.st_size, st.st_mtime_ns)})
     except Exception as exc:  # noqa: BLE001 - datasets wraps the generator's error; ours is the cause
         cause = exc
         while cause is not None and not isinstance(cause, UserError):
             cause = cause.__cause__ or cause.__context__
-        if cause is None:
-            raise
-        raise cause from None
+        if cause is not None:
+            raise cause from None
+        if "corresponds to no data" in str(exc):  # datasets cannot hold a split of no rows
+            raise UserError(f"{what}: '{path}' holds no sentences") from None
+        raise
 
 
 def _read_table(path: str, data_cfg):
