@@ -5,6 +5,8 @@ A task supplies what the rest of dist-train must not know: its data, its model h
 ``evaluate``, ``export`` and the CLI call only the hooks below, in this order:
 
 Training (``dist_train/trainer.py``), on every rank:
+  0. ``check_files(data)`` (a classmethod, from ``dist-train train`` / ``launch`` / ``submit``: every file
+     named exists and is of a kind the task reads, before any work);
   1. ``check_config(cfg)`` (a classmethod, from ``config.validate``: before anything is read);
   2. ``load_tokenizer()`` then ``prepare(tokenizer)`` -> ``Splits`` (rank 0 first, into the cache; the
      other ranks then load the cache);
