@@ -32,3 +32,8 @@ wnut16:
 
 clean:
 	rm -rf $(VENV) output
+
+# STS Benchmark (research use: fetched, checked and converted, never committed): data/stsb/{train,dev,test}.tsv
+.PHONY: stsb
+stsb:
+	bash data/fetch_stsb.sh

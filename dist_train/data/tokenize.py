@@ -30,6 +30,15 @@ def tokenize_table(ds, tokenizer, text_column: str, pair_column: str | None, max
                   remove_columns=[c for c in ds.column_names if c not in keep])
 
 
+def numbered(ds):
+    """``ds`` with an ``index`` column: each example's position in it (an evaluator that needs every
+    prediction puts each one in its place, whichever rank computed it)."""
+    if "index" in ds.column_names:
+        ds = ds.remove_columns("index")
+    return ds.add_column("index", list(range(len(ds))))
+
+
 def model_view(ds):
-    """The columns a model consumes (drops ``length`` and anything else)."""
-    return ds.select_columns([c for c in MODEL_COLUMNS if c in ds.column_names])
+    """The columns a batch carries: what a model consumes, the targets and ``index`` where the examples are
+    numbered (drops ``length`` and anything else)."""
+    return ds.select_columns([c for c in (*MODEL_COLUMNS, "index") if c in ds.column_names])
