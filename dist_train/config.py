@@ -107,13 +107,17 @@ class TaskConfig:
     masked tokens)."""
     label_names: Optional[list[str]] = None
     """Display names for the labels, in sorted order of the label values (e.g. ``[negative, positive]`` for 0/1)."""
-    mlm_probability: float = 0.15
-    """masked_lm: fraction of tokens selected as targets; of those 80% become [MASK], 10% a random token, 10% stay."""
-    whole_word_mask: bool = False
     label_all_tokens: bool = False
     """token_classification: every sub-word piece of a word carries the word's tag in the loss; false = only
     the first piece (the others are ignored). Either way a word is scored and predicted by its first piece."""
+    mlm_probability: float = 0.15
+    """masked_lm: fraction of tokens selected as targets; of those 80% become [MASK], 10% a random token, 10% stay."""
+    whole_word_mask: bool = False
     """masked_lm: select whole words (all their word pieces) instead of single tokens."""
+    target_range: Optional[list[float]] = None
+    """regression: ``[low, high]``, the range of the targets (e.g. ``[0, 5]`` for STS-B). The model learns
+    them scaled to [0, 1]; reports and predictions are in the data's units again. A target outside the range
+    is an error naming its file and line. null = the targets as they are."""
 
 
 @dataclass

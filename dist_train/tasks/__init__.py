@@ -10,11 +10,12 @@ import importlib
 
 TASKS = {
     "classification": "dist_train.tasks.classification:ClassificationTask",
+    "regression": "dist_train.tasks.regression:RegressionTask",
     "causal_lm": "dist_train.tasks.language_modeling:CausalLMTask",
     "masked_lm": "dist_train.tasks.language_modeling:MaskedLMTask",
+    "token_classification": "dist_train.tasks.token_classification:TokenClassificationTask",
 }
 
-    "token_classification": "dist_train.tasks.token_classification:TokenClassificationTask",
 
 def task_class(name: str):
     module, cls = TASKS[name].split(":")
