@@ -53,7 +53,7 @@ def read_tagged(path: str, data_cfg, what: str):
     return ds
 
 
-def _conll_columns(path: str, tag_column: int | str | None) -> tuple[int, int | None, bool]:
+def _conll_columns(path: str, tag_column: int | str | None) -> tuple[int, int, bool]:
     """(word column, tag column, whether ``#`` lines are comments); a named tag column needs the file's
     ``# global.columns`` line."""
     with open(path, encoding="utf-8") as fh:
@@ -73,9 +73,10 @@ def _conll_columns(path: str, tag_column: int | str | None) -> tuple[int, int | 
     return word, names.index(tag_column), True
 
 
-def conll_sentences(path: str, word: int, tag: int, comments: bool, stamp=None):
-    """Yield ``{"tokens", "tags", "at"}`` per sentence (``stamp``: the file's size and time, so that the
-    datasets cache keyed on these arguments notices an edited file)."""
+def conll_sentences(path: str, shown: str, word: int, tag: int, comments: bool, stamp=None):
+    """Yield ``{"tokens", "tags", "at"}`` per sentence of ``path`` (``shown``: the path as the user gave it,
+    for errors; ``stamp``: the file's size and time, so that the datasets cache, keyed on these arguments,
+    notices an edited file)."""
     tokens, tags, start = [], [], 0
     with open(path, encoding="utf-8") as fh:
         for number, raw in enumerate(fh, 1):
@@ -88,13 +89,13 @@ def conll_sentences(path: str, word: int, tag: int, comments: bool, stamp=None):
                     tokens, tags = [], []
                 continue
             if not -len(columns) <= tag < len(columns) or tag % len(columns) == word % len(columns):
-                raise UserError(f"'{path}': line {number}: expected a word and its tag separated by a tab, found "
+                raise UserError(f"'{shown}': line {number}: expected a word and its tag separated by a tab, found "
                                 f"{len(columns)} column{'s' if len(columns) != 1 else ''} (data.tag_column {tag})")
             token, label = columns[word].strip(), columns[tag].strip()
             if not token:
-                raise UserError(f"'{path}': line {number}: empty word (tag '{label}')")
+                raise UserError(f"'{shown}': line {number}: empty word (tag '{label}')")
             if not label:
-                raise UserError(f"'{path}': line {number}: word '{token}' has an empty tag")
+                raise UserError(f"'{shown}': line {number}: word '{token}' has an empty tag")
             if not tokens:
                 start = number
             tokens.append(token)
@@ -111,12 +112,12 @@ def _read_conll(path: str, data_cfg, what: str):
     st = os.stat(path)
     datasets.disable_progress_bars()
     try:
-        # Declared features: a file without sentences is an empty dataset, not a schema that cannot be inferred.
+        # Declared, so that a file without sentences fails as "no data" (below), not as a schema never inferred.
         features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
                                       "tags": datasets.Sequence(datasets.Value("string")), "at": datasets.Value("int64")})
         return datasets.Dataset.from_generator(
             conll_sentences, features=features, cache_dir=data_cfg.cache_dir,
-            gen_kwargs={"path": str(Path(path).resolve()), "word": word, "tag": tag, "comments": comments,
+            gen_kwargs={"path": str(Path(path).resolve()), "shown": path, "word": word, "tag": tag, "comments": comments,
                         "stamp": (st.st_size, st.st_mtime_ns)})
     except Exception as exc:  # noqa: BLE001 - datasets wraps the generator's error; ours is the cause
         cause = exc
