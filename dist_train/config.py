@@ -79,6 +79,9 @@ class DataConfig:
     column. (JSON lines hold lists in ``text_column`` / ``label_column`` instead.)"""
     label_column: str = "label"
     """Column holding the label (ints or strings)."""
+    label_separator: Optional[str] = None
+    """multi_label in a .tsv/.csv: what separates a row's labels in its ``label_column`` cell (e.g. ``|`` for
+    ``sports|politics``; an empty cell = no labels). JSON lines and Parquet hold a list per row instead."""
     validation_split: float = 0.0
     """Fraction of train held out as validation when no validation file is given (0 = none)."""
     split_seed: int = 42
@@ -104,7 +107,7 @@ class TaskConfig:
     name: str = "classification"
     """What to train, one of the tasks in ``dist_train/tasks`` (their registry): ``classification`` (one label
     per text or text pair), ``causal_lm`` (next-token prediction, GPT-style) or ``masked_lm`` (BERT-style
-    masked tokens)."""
+    masked tokens); ``multi_label``: any number of labels per text (docs/tasks.md)."""
     label_names: Optional[list[str]] = None
     """Display names for the labels, in sorted order of the label values (e.g. ``[negative, positive]`` for 0/1)."""
     label_all_tokens: bool = False
@@ -114,6 +117,8 @@ class TaskConfig:
     """masked_lm: fraction of tokens selected as targets; of those 80% become [MASK], 10% a random token, 10% stay."""
     whole_word_mask: bool = False
     """masked_lm: select whole words (all their word pieces) instead of single tokens."""
+    threshold: float = 0.5
+    """multi_label: a label is predicted when its probability (sigmoid) is above this; in (0, 1)."""
     target_range: Optional[list[float]] = None
     """regression: ``[low, high]``, the range of the targets (e.g. ``[0, 5]`` for STS-B). The model learns
     them scaled to [0, 1]; reports and predictions are in the data's units again. A target outside the range
@@ -535,6 +540,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "data.num_proc": (1, None, "["),
     "data.num_workers": (0, None, "["),
     "task.mlm_probability": (0, 1, "()"),
+    "task.threshold": (0, 1, "()"),
     "train.seed": (0, SEED_MAX, "[]"),
     "train.epochs": (0, None, "["),
     "train.max_steps": (0, None, "["),

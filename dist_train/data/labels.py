@@ -125,4 +125,7 @@ def _clean(raw: list, path: str) -> list:
     for row, value in enumerate(raw):
         if value is None or (isinstance(value, str) and not value.strip()):
             raise UserError(f"'{path}': {line_of_row(path, row)}: missing label")
+        if isinstance(value, list):
+            raise UserError(f"'{path}': {line_of_row(path, row)}: label {value!r} is a list; this task reads one "
+                            "label per row; for any number of labels per row use task.name=multi_label")
     return [v.strip() if isinstance(v, str) else v for v in raw]

@@ -10,6 +10,7 @@ import importlib
 
 TASKS = {
     "classification": "dist_train.tasks.classification:ClassificationTask",
+    "multi_label": "dist_train.tasks.multi_label:MultiLabelTask",
     "regression": "dist_train.tasks.regression:RegressionTask",
     "causal_lm": "dist_train.tasks.language_modeling:CausalLMTask",
     "masked_lm": "dist_train.tasks.language_modeling:MaskedLMTask",
