@@ -297,3 +297,7 @@ def test_report_values_are_exact_counts():
     report = multi_label_report(*counts, exact=7, n=10, loss_sum=2.0, names=["x", "y"], threshold=0.5)
     assert report["per_label"]["x"] == {"precision": 0.75, "recall": 1.0, "f1": 6 / 7, "support": 3, "predicted": 4}
     assert report["per_label"]["y"]["f1"] == 0.0 and report["hamming_loss"] == 3 / 20 and report["loss"] == 0.1
+    nothing = np.zeros(2, dtype=int)  # no label true or predicted anywhere: scikit-learn's zero division
+    report = multi_label_report(nothing, nothing, nothing, np.array([4, 4]), exact=4, n=4, loss_sum=0.4,
+                                names=["x", "y"], threshold=0.5)
+    assert report["f1_micro"] == report["f1_macro"] == 0.0 and report["subset_accuracy"] == 1.0

@@ -119,10 +119,10 @@ def multi_label_report(tp, fp, fn, tn, exact: int, n: int, loss_sum: float, name
                        threshold: float) -> dict:
     """F1 (micro, macro and per label), subset accuracy and Hamming loss from per-label counts.
 
-    scikit-learn gets one weighted row per label and outcome (a true positive, a false positive, a false
-    negative of that label alone): it sees each label's TP/FP/FN as in the full predictions, so its
-    averages and its zero-division rules hold; true negatives enter no F-score and are left out. A column
-    that is never set keeps the rows a label matrix for one label too (a single column reads as binary).
+    scikit-learn gets one weighted row per label and outcome (a true positive, false positive, false
+    negative or true negative of that label alone): it sees each label's counts as in the full predictions,
+    so its averages and its zero-division rules hold. A column that is never set keeps the rows a label
+    matrix for one label too (a single column reads as binary).
     """
     from sklearn.metrics import precision_recall_fscore_support
 
@@ -131,8 +131,8 @@ def multi_label_report(tp, fp, fn, tn, exact: int, n: int, loss_sum: float, name
     if n == 0:
         return report
     eye, none = np.eye(k, k + 1, dtype=int), np.zeros((k, k + 1), dtype=int)
-    y_true, y_pred = np.concatenate([eye, none, eye]), np.concatenate([eye, eye, none])
-    weights = np.concatenate([tp, fp, fn]).astype(float)
+    y_true, y_pred = np.concatenate([eye, none, eye, none]), np.concatenate([eye, eye, none, none])
+    weights = np.concatenate([tp, fp, fn, tn]).astype(float)
     scores = {avg: precision_recall_fscore_support(y_true, y_pred, sample_weight=weights, average=avg,
                                                    labels=list(range(k)), zero_division=0)
               for avg in ("micro", "macro", None)}
@@ -140,7 +140,7 @@ def multi_label_report(tp, fp, fn, tn, exact: int, n: int, loss_sum: float, name
     report.update({
         "f1_micro": float(scores["micro"][2]), "f1_macro": float(scores["macro"][2]),
         "precision_micro": float(scores["micro"][0]), "recall_micro": float(scores["micro"][1]),
-        "subset_accuracy": exact / n, "hamming_loss": float((fp + fn).sum() / (tp + fp + fn + tn).sum()),
+        "subset_accuracy": exact / n, "hamming_loss": float((fp + fn).sum() / weights.sum()),
         "threshold": threshold,
         "per_label": {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
                              "support": int(tp[i] + fn[i]), "predicted": int(tp[i] + fp[i])}
