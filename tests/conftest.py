@@ -126,6 +126,21 @@ def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> Non
         assert needle in lines[0], (needle, lines[0])
 
 
+def cue_rows(rng, n: int, flip: bool = False, labels=(0, 1), header: str = "sentence\tlabel") -> str:
+    """A TSV where one cue word decides the label (``labels``: negative, positive): a tiny model learns it in a
+    few steps. ``flip`` reverses the rule (validation then gets worse as training improves: the best step is
+    an early one)."""
+    good, bad = ["wonderful", "superb", "delightful"], ["awful", "boring", "terrible"]
+    filler = "the movie plot acting story film scene cast director music".split()
+    out = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = rng.sample(filler, 5) + [rng.choice(good if label else bad)]
+        rng.shuffle(words)
+        out.append(f"{' '.join(words)}\t{labels[1 - label if flip else label]}\n")
+    return f"{header}\n" + "".join(out)
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """One tiny sentiment run, shared by the output tests.
@@ -138,22 +153,10 @@ def trained(tmp_path_factory):
     import random
 
     rng = random.Random(0)
-    good, bad = ["wonderful", "superb", "delightful"], ["awful", "boring", "terrible"]
-    filler = "the movie plot acting story film scene cast director music".split()
-
-    def rows(n: int, flip: bool) -> str:
-        out = []
-        for _ in range(n):
-            label = rng.randint(0, 1)
-            words = rng.sample(filler, 5) + [rng.choice(good if label else bad)]
-            rng.shuffle(words)
-            out.append(f"{' '.join(words)}\t{1 - label if flip else label}\n")
-        return "sentence\tlabel\n" + "".join(out)
-
     tmp = tmp_path_factory.mktemp("run")
     files = {split: tmp / f"{split}.tsv" for split in ("train", "validation", "test")}
-    files["train"].write_text(rows(160, flip=False))
-    files["validation"].write_text(rows(48, flip=True))
+    files["train"].write_text(cue_rows(rng, 160))
+    files["validation"].write_text(cue_rows(rng, 48, flip=True))
     files["test"].write_text(head(SENTIMENT / "test.tsv", 37))
     cfg_path = tiny_config(tmp, files, task={"label_names": ["negative", "positive"]},
                            train={"epochs": 2, "eval_every": 5, "lr": 3e-3},

@@ -8,7 +8,7 @@ import random
 import pandas as pd
 import pytest
 
-from conftest import assert_user_error, run_cli, tiny_config
+from conftest import assert_user_error, cue_rows, run_cli, tiny_config
 from dist_train.config import load_config
 from dist_train.trainer import train
 
@@ -18,16 +18,7 @@ def learned(tmp_path_factory):
     """A tiny model trained on a task it can learn (one cue word decides the label), so that its
     predictions on clear examples are known; the shared ``trained`` model is too weak for that."""
     tmp = tmp_path_factory.mktemp("learned")
-    rng = random.Random(0)
-    good, bad = ["wonderful", "superb", "delightful"], ["awful", "boring", "terrible"]
-    filler = "the movie plot acting story film scene cast director music".split()
-    lines = []
-    for _ in range(160):
-        label = rng.randint(0, 1)
-        words = rng.sample(filler, 5) + [rng.choice(good if label else bad)]
-        rng.shuffle(words)
-        lines.append(f"{' '.join(words)}\t{label}\n")
-    (tmp / "train.tsv").write_text("sentence\tlabel\n" + "".join(lines))
+    (tmp / "train.tsv").write_text(cue_rows(random.Random(0), 160))
     cfg = tiny_config(tmp, {"train": tmp / "train.tsv"}, task={"label_names": ["negative", "positive"]},
                       train={"epochs": 4, "lr": 3e-3}, checkpoint={"every_epoch": False},
                       logging={"every_steps": 12, "progress_bar": False, "tensorboard": False})

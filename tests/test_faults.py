@@ -20,22 +20,8 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from conftest import (NO_DROPOUT, ROOT, assert_user_error, execute, max_diff, snapshot, tiny_config,
+from conftest import (NO_DROPOUT, ROOT, assert_user_error, cue_rows, execute, max_diff, snapshot, tiny_config,
                       worker_cmd)
-
-
-def rows(rng: random.Random, n: int, flip: bool = False) -> str:
-    """A cue-word task a tiny model learns in a few steps; ``flip`` reverses the rule (validation gets worse
-    as training improves, so the best checkpoint is an early one)."""
-    good, bad = ["wonderful", "superb", "delightful"], ["awful", "boring", "terrible"]
-    filler = "the movie plot acting story film scene cast director music".split()
-    out = []
-    for _ in range(n):
-        label = rng.randint(0, 1)
-        words = rng.sample(filler, 5) + [rng.choice(good if label else bad)]
-        rng.shuffle(words)
-        out.append(f"{' '.join(words)}\t{1 - label if flip else label}\n")
-    return "sentence\tlabel\n" + "".join(out)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +29,9 @@ def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
     rng = random.Random(1)
     files = {"train": tmp / "train.tsv", "validation": tmp / "dev.tsv", "test": tmp / "test.tsv"}
-    files["train"].write_text(rows(rng, 96))
-    files["validation"].write_text(rows(rng, 32, flip=True))
-    files["test"].write_text(rows(rng, 32))
+    files["train"].write_text(cue_rows(rng, 96))
+    files["validation"].write_text(cue_rows(rng, 32, flip=True))
+    files["test"].write_text(cue_rows(rng, 32))
     cfg = tiny_config(tmp, files, model={"config": NO_DROPOUT, "tokenizer": "all-MiniLM-L6-v2"},
                       train={"epochs": 2, "micro_batch_size": 8, "lr": 3e-3, "eval_every": 3},
                       checkpoint={"every_steps": 2, "keep_last_n": 2},

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_BERT, assert_user_error, run_cli, tiny_config
+from conftest import TINY_BERT, assert_user_error, cue_rows, run_cli, tiny_config
 from dist_train.config import load_config
 from dist_train.errors import UserError
 from dist_train.trainer import train
@@ -144,17 +144,9 @@ def weights_init(tmp_path):
 def test_loss_falls_on_a_learnable_task(tmp_path):
     """String labels, a signal a tiny model can learn: loss must fall and test accuracy must be high."""
     rng = random.Random(0)
-    good, bad = ["wonderful", "superb", "delightful"], ["awful", "boring", "terrible"]
-    filler = "the movie plot acting story film scene cast director music".split()
 
     def rows(n):
-        out = []
-        for _ in range(n):
-            label = rng.choice(["yes", "no"])
-            words = rng.sample(filler, 5) + [rng.choice(good if label == "yes" else bad)]
-            rng.shuffle(words)
-            out.append(f"{' '.join(words)}\t{label}\n")
-        return "text\tverdict\n" + "".join(out)
+        return cue_rows(rng, n, labels=("no", "yes"), header="text\tverdict")
 
     (tmp_path / "train.tsv").write_text(rows(256))
     (tmp_path / "test.tsv").write_text(rows(64))
