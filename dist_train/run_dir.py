@@ -25,7 +25,7 @@ from pathlib import Path
 
 from dist_train.errors import UserError
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "final", "eval_report.json")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "final", "eval_report.json", "report.png")
 LOCK_FILE = ".dist-train.lock"
 PREVIOUS = ".previous"
 

@@ -395,9 +395,21 @@ class Run:
                 self.run_dir.write("eval_report.json", json.dumps(report, indent=2))  # small: no wait needed
                 self.sink.write("test", s.step, report)
                 print(summary_line("test", report, self.task.summary), flush=True)
+        if e.is_main:
+            self._draw_report()
         if self.signals.received:
             self.reports["exit_code"] = self.signals.exit_code
         return self.reports
+
+    def _draw_report(self) -> None:
+        """report.png: the run's curves. A picture never fails the run: a warning instead."""
+        from dist_train.report import draw_runs
+
+        try:
+            draw_runs([self.run_dir.out], self.run_dir.out / "report.png")
+        except Exception as exc:  # noqa: BLE001 - plotting must not cost the run its result
+            print(f"dist-train: warning: report.png not drawn: {' '.join(str(exc).split())[:200]}", file=sys.stderr,
+                  flush=True)
 
     def _load_best(self) -> None:
         s, e = self.state, self.engine

@@ -138,7 +138,9 @@ def cmd_predict(args) -> int:
         n = model.predict_file(args.file, args.output, args.batch_size)
         print(f"wrote {n} predictions to {args.output}")
         return 0
-    for text, prediction in zip(args.texts, model.predict(args.texts, None, args.batch_size)):
+    texts, pairs = model.task.command_line_inputs(args.texts)
+    shown = texts if pairs is None else [f"{a}\t{b}" for a, b in zip(texts, pairs)]
+    for text, prediction in zip(shown, model.predict(texts, pairs, args.batch_size)):
         print(model.task.format_prediction(text, prediction))
     return 0
 
@@ -204,6 +206,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"dist-train: error: {message} (see dist-train --help)\n")
 
 
+def cmd_report(args) -> int:
+    from dist_train.errors import UserError
+    from dist_train.inference import check_output_file
+    from dist_train.report import draw_runs, read_run
+
+    if args.out is None and len(args.runs) > 1:
+        raise UserError("report: several runs need --out FILE.png for the overlay")
+    out = args.out or str(Path(args.runs[0]) / "report.png")
+    for run in args.runs:
+        read_run(run)  # a folder that is not a run is named before anything is drawn
+    check_output_file(out, "--out")
+    print(f"wrote {draw_runs(args.runs, out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dist-train", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -263,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict labels for texts or a file")
     model_args(p)
-    p.add_argument("texts", nargs="*", help="texts to classify")
+    p.add_argument("texts", nargs="*", help="texts to classify (a model of text pairs: FIRST SECOND per pair)")
     p.add_argument("--file", help="a .tsv/.csv/.jsonl/.parquet file with a text column")
     p.add_argument("--output", help="where --file's predictions go (TSV)")
     p.set_defaults(func=cmd_predict)
@@ -285,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-unit", choices=["line", "paragraph", "document"], default="line",
                    help="what one document is in a plain-text file")
     p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("report", help="draw a run's curves (or several runs overlaid) as a PNG")
+    p.add_argument("runs", nargs="+", help="run folders (output_dir of dist-train train)")
+    p.add_argument("--out", help="PNG to write (default: RUN/report.png for one run; required for several)")
+    p.set_defaults(func=cmd_report)
     parser.commands = sub.choices
     return parser
 
