@@ -135,10 +135,12 @@ class ModelInUse:
         results = self.predict(texts, pairs, batch_size)
         out = Path(out_path)
         out.parent.mkdir(parents=True, exist_ok=True)  # (checked writable before inference: check_output_file)
+        # A pair model's rows show both texts, under the input's column names.
+        inputs = [[column, texts]] + ([[self.task.cfg.data.text_pair_column, pairs]] if pairs is not None else [])
         with open(out, "w") as fh:  # plain TSV like the input: no quoting, tabs/newlines in text become spaces
-            for i, (text, prediction) in enumerate(zip(texts, results)):
+            for i, prediction in enumerate(results):
                 columns = self.task.prediction_columns(prediction)
                 if i == 0:
-                    fh.write("\t".join([column, *columns]) + "\n")
-                fh.write("\t".join([" ".join(text.split()), *columns.values()]) + "\n")
+                    fh.write("\t".join([name for name, _ in inputs] + [*columns]) + "\n")
+                fh.write("\t".join([" ".join(given[i].split()) for _, given in inputs] + [*columns.values()]) + "\n")
         return len(results)

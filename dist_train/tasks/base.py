@@ -21,8 +21,9 @@ Training (``dist_train/trainer.py``), on every rank:
 Use of an exported folder (``dist-train eval`` / ``predict``, ``dist_train/inference.py``): the CLI reads
 the folder's ``dist_train.json``, builds the task named there with ``for_folder(folder, meta, options)``,
 then ``load_tokenizer()``, ``restore(folder)`` (what training learned: label maps), ``build_model()``, and
-either ``split(path, "--data")`` + the evaluation hooks above, or ``predict(...)`` -> rows printed with
-``format_prediction`` / written with ``prediction_columns``.
+either ``split(path, "--data")`` + the evaluation hooks above, or ``predict(...)`` on the texts of
+``read_texts`` (``--file``) or ``command_line_inputs`` (texts given on the command line) -> rows printed
+with ``format_prediction`` / written with ``prediction_columns``.
 """
 
 from __future__ import annotations
@@ -202,8 +203,20 @@ class Task(abc.ABC):
         """One prediction (a dict) per text; only tasks with ``can_predict``."""
         raise UserError(f"predict: a {self.name} model does not predict labels; {self.predict_hint}")
 
+    def command_line_inputs(self, texts: list[str]) -> tuple[list[str], list[str] | None]:
+        """(texts, pairs or None) of ``dist-train predict MODEL TEXT...``: a model trained on text pairs
+        (``data.text_pair_column``) takes its texts two at a time, the first and second text of each pair."""
+        d = self.cfg.data
+        if not d.text_pair_column:
+            return texts, None
+        if len(texts) % 2:
+            raise UserError(f"predict: this model reads text pairs ({d.text_column}, {d.text_pair_column}): give "
+                            f"the texts two at a time, FIRST SECOND [FIRST SECOND ...], not {len(texts)}; or "
+                            "--file FILE with both columns")
+        return texts[0::2], texts[1::2]
+
     def format_prediction(self, text: str, prediction: dict) -> str:
-        """The line ``dist-train predict`` prints for one text."""
+        """The line ``dist-train predict`` prints for one text (a pair's two texts: joined by a tab)."""
         raise NotImplementedError
 
     def prediction_columns(self, prediction: dict) -> dict[str, str]:
