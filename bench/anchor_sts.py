@@ -10,8 +10,8 @@ shuffled batches (a seeded DataLoader), mean squared error on the scores scaled 
 decay off biases and LayerNorms, linear warmup and decay, clipping. Every hyperparameter is read from the
 config (model, columns, max_length, target_range, seed, epochs, batch, lr, warmup, weight decay, clipping,
 eval_every): the same job, so the metrics should agree up to the data order and the noise of fine-tuning.
-Like dist-train, it validates on dev every eval_every steps and at the end, keeps the weights with the best
-dev Pearson, and reports test Pearson, Spearman (scipy) and MSE in the scores' units. Results: printed and
+Like dist-train, it validates on dev every eval_every steps (0: at each epoch's end) and at the end, keeps
+the weights with the best dev Pearson, and reports test Pearson, Spearman (scipy) and MSE in the scores' units. Results: printed and
 written to bench/results/anchor_sts.json (with the wall time of the whole script).
 """
 
@@ -99,7 +99,8 @@ def main() -> None:
             sched.step()
             opt.zero_grad()
             step += 1
-            if step % t["eval_every"] == 0 or step == steps:
+            every = t["eval_every"] or len(order)  # 0: at the end of each epoch, as dist-train does
+            if step % every == 0 or step == steps:
                 dev = evaluate("validation")
                 history.append({"step": step, **dev})
                 print(f"step {step} validation: pearson {dev['pearson']:.4f} spearman {dev['spearman']:.4f}",
