@@ -78,7 +78,7 @@ class DataConfig:
     the last) or a name the file declares in a first line ``# global.columns = ...``; null = the last
     column. (JSON lines hold lists in ``text_column`` / ``label_column`` instead.)"""
     label_column: str = "label"
-    """Column holding the label (ints or strings)."""
+    """Column holding the label (ints or strings; regression: a number)."""
     label_separator: Optional[str] = None
     """multi_label in a .tsv/.csv: what separates a row's labels in its ``label_column`` cell (e.g. ``|`` for
     ``sports|politics``; an empty cell = no labels). JSON lines and Parquet hold a list per row instead."""
@@ -107,7 +107,8 @@ class TaskConfig:
     name: str = "classification"
     """What to train, one of the tasks in ``dist_train/tasks`` (their registry): ``classification`` (one label
     per text or text pair), ``causal_lm`` (next-token prediction, GPT-style) or ``masked_lm`` (BERT-style
-    masked tokens); ``multi_label``: any number of labels per text (docs/tasks.md)."""
+    masked tokens); ``multi_label``: any number of labels per text; ``regression``: one number per text or
+    text pair (docs/tasks.md)."""
     label_names: Optional[list[str]] = None
     """Display names for the labels, in sorted order of the label values (e.g. ``[negative, positive]`` for 0/1)."""
     label_all_tokens: bool = False
