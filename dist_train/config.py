@@ -62,9 +62,10 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: Optional[Union[str, list[str]]] = field(default=None, metadata=MAY_CHANGE)
-    """Training data. Classification: one labelled file (.tsv, .csv, .jsonl/.json or .parquet). Language
-    modelling: text files (.txt: see ``text_unit``), JSONL or tables with ``text_column``; a path, a glob
-    (``corpus/*.txt``), a folder, or a list of these."""
+    """Training data. Classification: one labelled file (.tsv, .csv, .jsonl/.json or .parquet). Token
+    classification: one CoNLL-style file (a word and its tag per line) or JSON lines with token and tag lists.
+    Language modelling: text files (.txt: see ``text_unit``), JSONL or tables with ``text_column``; a path, a
+    glob (``corpus/*.txt``), a folder, or a list of these."""
     validation: Optional[Union[str, list[str]]] = field(default=None, metadata=MAY_CHANGE)
     """Validation data, as ``train``. If absent, ``validation_split`` of train is carved off (when > 0)."""
     test: Optional[Union[str, list[str]]] = field(default=None, metadata=MAY_CHANGE)
@@ -108,7 +109,7 @@ class TaskConfig:
     """What to train, one of the tasks in ``dist_train/tasks`` (their registry): ``classification`` (one label
     per text or text pair), ``causal_lm`` (next-token prediction, GPT-style) or ``masked_lm`` (BERT-style
     masked tokens); ``multi_label``: any number of labels per text; ``regression``: one number per text or
-    text pair (docs/tasks.md)."""
+    text pair; ``token_classification``: one tag per word, e.g. named entities (docs/tasks.md)."""
     label_names: Optional[list[str]] = None
     """Display names for the labels, in sorted order of the label values (e.g. ``[negative, positive]`` for 0/1)."""
     label_all_tokens: bool = False
