@@ -145,6 +145,49 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from dist_train.config import check_number
+    from dist_train.errors import UserError
+    from dist_train.inference import ModelFolder, ModelInUse, check_output_file
+    from dist_train.tasks import task_class
+
+    if bool(args.prompts) == bool(args.file):
+        raise UserError("generate: give either prompts or --file FILE (one prompt per line)")
+    check_number("--max-new-tokens", args.max_new_tokens, 1, None, "[", where="")
+    check_number("--temperature", args.temperature, 0, None, "[", hint=" (0 = greedy)", where="")
+    check_number("--top-p", args.top_p, 0, 1, "(]", where="")
+    check_number("--batch-size", args.batch_size, 1, None, "[", where="")
+    folder = ModelFolder(args.model_dir)
+    if folder.task is None or not task_class(folder.task).can_generate:
+        what = f"a {folder.task} model" if folder.task else "not a model dist-train trained"
+        raise UserError(f"generate: MODEL_DIR '{args.model_dir}' is {what}; generate needs a causal_lm model "
+                        "(e.g. the final/ of configs/clm_pretrain.yaml)")
+    positions = folder.positions or 1024
+    if args.max_new_tokens >= positions:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the prompt in the model's "
+                        f"{positions} positions; use at most {positions - 1}")
+    if args.output:
+        check_output_file(args.output, "--output", (args.file,))
+    prompts = args.prompts
+    if args.file:
+        from dist_train.data.sources import _check_readable
+
+        _check_readable(args.file, "--file")
+        prompts = [line.rstrip("\n") for line in open(args.file, encoding="utf-8") if line.strip()]
+    model = ModelInUse(folder, {"max_length": positions - args.max_new_tokens}, args.precision)
+    texts = model.task.generate(model.engine, prompts, args.max_new_tokens, args.temperature, args.top_p,
+                                args.seed, args.batch_size)
+    if args.output:
+        with open(args.output, "w") as fh:
+            for prompt, text in zip(prompts, texts):
+                fh.write(json.dumps({"prompt": prompt, "generated": text}) + "\n")
+        print(f"wrote {len(texts)} generations to {args.output}")
+        return 0
+    for prompt, text in zip(prompts, texts):
+        print(f"{prompt}{text}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from dist_train.checkpoint import checkpoints
     from dist_train.errors import UserError
@@ -303,6 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what one document is in a plain-text file")
     p.set_defaults(func=cmd_tokenizer)
 
+    p = sub.add_parser("generate", help="continue prompts with a causal language model (e.g. clm_pretrain's final/)")
+    p.add_argument("model_dir", help="a causal_lm model folder (output_dir/final)")
+    p.add_argument("prompts", nargs="*", help="prompts to continue")
+    p.add_argument("--file", help="a text file, one prompt per line")
+    p.add_argument("--output", help="write one JSON line per prompt here instead of printing")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (deterministic)")
+    p.add_argument("--top-p", type=float, default=0.95, help="sample from the smallest set of tokens with this mass")
+    p.add_argument("--seed", type=int, default=1, help="the same seed and prompts give the same text")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("report", help="draw a run's curves (or several runs overlaid) as a PNG")
     p.add_argument("runs", nargs="+", help="run folders (output_dir of dist-train train)")
     p.add_argument("--out", help="PNG to write (default: RUN/report.png for one run; required for several)")
@@ -346,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             stopping.install(["SIGUSR1", "SIGTERM"])
         _quiet_libraries()
         args = parse(argv)
-        if args.command in ("eval", "predict", "export") or (args.command == "train" and not args.print_config):
+        if args.command in ("eval", "predict", "export", "generate") or (args.command == "train"
+                                                                         and not args.print_config):
             _quiet_transformers()
         if args.command == "train":
             from launcher.launch import register_worker

@@ -198,6 +198,13 @@ class Task(abc.ABC):
     can_predict: ClassVar[bool] = False
     """Whether ``dist-train predict`` applies (else ``predict_hint`` says what to use instead)."""
     predict_hint: ClassVar[str] = ""
+    can_generate: ClassVar[bool] = False
+    """Whether ``dist-train generate`` applies (text generation: causal language models)."""
+
+    def generate(self, engine, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float,
+                 seed: int, batch_size: int) -> list[str]:
+        """Each prompt's continuation; only tasks with ``can_generate``."""
+        raise UserError(f"generate: a {self.name} model does not generate text")
 
     def predict(self, engine, texts: list[str], pairs: list[str] | None, batch_size: int) -> list[dict]:
         """One prediction (a dict) per text; only tasks with ``can_predict``."""

@@ -103,6 +103,34 @@ class CausalLMTask(LanguageModelTask):
     name = "causal_lm"
     separator = "eos"
     architectures = ("ForCausalLM", "LMHeadModel")
+    predict_hint = "use dist-train generate to continue a prompt, or dist-train eval for its perplexity on text"
+    can_generate = True
+
+    @torch.no_grad()
+    def generate(self, engine, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float,
+                 seed: int, batch_size: int) -> list[str]:
+        """Each prompt's continuation (the new text only). ``temperature`` 0 is greedy decoding; otherwise
+        sampling from the top-p nucleus, seeded: the same seed and prompts give the same text."""
+        tok = self.tokenizer
+        # Decoder-only models continue from the right end of the prompt: pad on the left, so that every
+        # prompt of a batch ends where generation starts; a prompt too long for the positions left keeps its end.
+        tok.padding_side = tok.truncation_side = "left"
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        sample = temperature > 0
+        options = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
+        if sample:
+            options.update(temperature=temperature, top_p=top_p)
+        torch.manual_seed(seed)
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            # A prompt starts after an end-of-text, as every document did in training.
+            enc = tok([tok.eos_token + p for p in prompts[i:i + batch_size]], return_tensors="pt", padding=True,
+                      truncation=True, max_length=self.cfg.data.max_length)
+            enc = {k: v.to(engine.device) for k, v in enc.items()}
+            ids = engine.unwrapped.generate(**enc, **options)
+            out += tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return out
 
     @staticmethod
     def auto_model():
