@@ -44,6 +44,23 @@ class TokenizerTrainConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA through peft: the pretrained weights stay frozen; small low-rank matrices beside chosen linear
+    layers, and the task head, are trained (docs/configuration.md#lora)."""
+
+    r: int = 8
+    """Rank of each adapter pair (A: r x in, B: out x r); trainable parameters grow linearly with it."""
+    alpha: float = 16.0
+    """Scale of the adapters' output: the update added to a layer is ``alpha / r x B A``."""
+    dropout: float = 0.1
+    """Dropout on the adapters' input while training, in [0, 1)."""
+    target_modules: Optional[list[str]] = None
+    """Names (or name suffixes) of the linear layers that get adapters, e.g. ``[query, value]``; null = peft's
+    default for the model type (BERT family: query and value; GPT-2: c_attn). A model type without a default
+    needs them listed."""
+
+
+@dataclass
 class ModelConfig:
     pretrained: Optional[str] = None
     """A local Hugging Face model folder, or a known name of a model shipped in a pip package
@@ -57,6 +74,10 @@ class ModelConfig:
     """Allow model folders to run their own Python code. Off unless you trust the folder."""
     train_tokenizer: TokenizerTrainConfig = field(default_factory=lambda: TokenizerTrainConfig())
     """Train a new tokenizer on ``data.train`` first (language modelling from scratch)."""
+    lora: Optional[LoraConfig] = field(default=None, metadata=FIXED)
+    """Fine-tune ``pretrained`` with LoRA adapters instead of all weights, e.g. ``{r: 8, alpha: 16}``; null =
+    full fine-tuning. Checkpoints then hold only the trained tensors; ``final/`` is a plain model with the
+    adapters merged in (docs/configuration.md#lora)."""
 
 
 @dataclass
@@ -459,8 +480,12 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if key not in hints:
             raise UserError(f"config: unknown key '{prefix}{key}'; {_suggest(str(key), names, _sections())}")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+        section = _optional_section(tp)
+        if section is not None and value is None:
+            kwargs[key] = None
+            continue
+        if section is not None:
+            kwargs[key] = _build(section, value, f"{prefix}{key}.")
             continue
         try:
             kwargs[key] = _coerce(value, tp)
@@ -469,6 +494,14 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
                 f"config: '{prefix}{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
             ) from None
     return cls(**kwargs)
+
+
+def _optional_section(tp: Any) -> type | None:
+    """The dataclass of a section field (``X`` or ``Optional[X]``, null = the section is off), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
 
 
 def _sections() -> dict[str, str]:
@@ -536,6 +569,9 @@ SEED_MAX = 2**32 - 1  # numpy's seed range (data order and the train/validation 
 # of these would otherwise fail deep inside torch, numpy, tokenizers or DeepSpeed, or train on NaN.
 RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "model.train_tokenizer.min_frequency": (0, None, "["),
+    "model.lora.r": (1, None, "["),
+    "model.lora.alpha": (0, None, "("),
+    "model.lora.dropout": (0, 1, "[)"),
     "data.validation_split": (0, 1, "[)"),
     "data.split_seed": (0, SEED_MAX, "[]"),
     "data.max_length": (2, None, "["),
@@ -575,7 +611,7 @@ STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGHUP", "SIGXCPU")
 def _value(cfg: Config, key: str) -> Any:
     value = cfg
     for part in key.split("."):
-        value = getattr(value, part)
+        value = getattr(value, part) if value is not None else None  # inside a section that is off (null)
     return value
 
 
@@ -630,6 +666,22 @@ def _check_stop_signals(names: list[str]) -> None:
                         f"{', '.join(STOP_SIGNALS)}")
 
 
+def _check_lora(m: ModelConfig, task) -> None:
+    from dist_train.tasks import TASKS, task_class
+
+    if m.pretrained is None:
+        raise UserError("config: model.lora adapts a pretrained model; set model.pretrained (LoRA on a model "
+                        "built from scratch would train adapters beside random frozen weights)")
+    if task.peft_task_type is None:
+        able = [name for name in TASKS if task_class(name).peft_task_type is not None]
+        raise UserError(f"config: model.lora is not available for task.name {task.name}; it works with "
+                        f"{', '.join(able)} (or set model.lora=null)")
+    targets = m.lora.target_modules
+    if targets is not None and (not targets or any(not str(t).strip() for t in targets)):
+        raise UserError(f"config: model.lora.target_modules must name modules (e.g. [query, value]), got {targets}; "
+                        "or null for the model type's default")
+
+
 def validate(cfg: Config) -> None:
     """Every check that needs no file and no model: ranges, and fields that must agree. Each error names
     the key, the value given and the fix."""
@@ -666,6 +718,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config: task.name '{cfg.task.name}' is not a task; {_suggest(cfg.task.name, list(TASKS))}")
     task = task_class(cfg.task.name)
     task.check_config(cfg)
+    if m.lora is not None:
+        _check_lora(m, task)
     tables = task.reads_tables
     for split in ("train", "validation", "test"):
         _check_paths(f"data.{split}", getattr(d, split), tables, cfg.task.name)

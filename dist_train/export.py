@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from dist_train.errors import RunFailed, UserError
+from dist_train.lora import ADAPTER_CONFIG, is_lora, merge, merged_copy, rebuild
 
 META_FILE = "dist_train.json"
 
@@ -32,6 +33,8 @@ def export_model(model, tokenizer, out_dir: str | Path, task, state_dict: dict |
         model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     else:
         model.config.save_pretrained(out)
+        if is_lora(model):  # how export_checkpoint puts the adapters back on the base
+            model.peft_config["default"].save_pretrained(out)
     tokenizer.save_pretrained(out)
     task.save_extras(out)
     (out / META_FILE).write_text(json.dumps(task.export_meta(), indent=2))
@@ -45,8 +48,13 @@ def nonfinite(state_dict: dict) -> list[str]:
 
 def publish(model, tokenizer, out_dir: str | Path, task, state_dict: dict | None = None) -> Path:
     """Export to ``out_dir`` without ever leaving less than there was: the weights are checked to be
-    finite, the folder is written beside it and swapped in; an earlier export is removed only then."""
+    finite, the folder is written beside it and swapped in; an earlier export is removed only then. A LoRA
+    model is exported with its adapters merged (a plain model: no peft needed to use it)."""
     bad = nonfinite(state_dict if state_dict is not None else model.state_dict())
+    if is_lora(model) and not bad:
+        model = merged_copy(model, state_dict if state_dict is not None else model.state_dict())
+        state_dict = None
+        bad = nonfinite(model.state_dict())
     if bad:
         raise RunFailed(f"the final weights hold non-finite values ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
                         f"nothing was exported to {out_dir}; lower train.lr or resume from an earlier checkpoint")
@@ -67,13 +75,15 @@ def read_meta(folder: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, adapter_only: bool = False) -> Path:
     """Write checkpoint ``step-N`` (from any engine; ZeRO shards are consolidated) as a Hugging Face folder.
 
     The model skeleton is built on the meta device and takes the loaded tensors as its own, so the full
-    weights are held once, not twice.
+    weights are held once, not twice. A LoRA checkpoint holds only the trained tensors: the base is loaded
+    from the run's ``model.pretrained`` and the adapters merged in; ``adapter_only`` writes peft's adapter
+    folder instead (adapter config and weights, and the tokenizer).
     """
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     from dist_train.checkpoint import HF_DIR, read_state, require_valid
     from dist_train.engine import consolidated_state_dict
@@ -89,26 +99,39 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
         what = "is not empty" if out.is_dir() else "is a file"
         raise UserError(f"export: '{out}' exists and {what}; choose a new folder")
     description = folder / HF_DIR
+    lora = (description / ADAPTER_CONFIG).is_file()
+    if adapter_only and not lora:
+        raise UserError(f"export: --adapter-only needs a LoRA checkpoint (model.lora); '{folder}' holds a fully "
+                        "fine-tuned model: export it without --adapter-only")
     meta = read_meta(description)
     config = AutoConfig.from_pretrained(description)
-    with torch.device("meta"):
-        model = task_class(meta["task"]).auto_model().from_config(config)
+    auto_class = task_class(meta["task"]).auto_model()
     state_dict = consolidated_state_dict(folder, read_state(folder)["engine"])
-    _fill_tied(model, state_dict)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
-    if unexpected or [k for k in missing if k not in _tied(model)]:
-        raise UserError(f"export: checkpoint weights do not fit the model (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
-    model.tie_weights()
     bad = nonfinite(state_dict)
     if bad:
         raise UserError(f"export: checkpoint '{folder}' holds non-finite weights ({', '.join(bad[:3])}); "
                         "export an earlier checkpoint")
+    if lora:
+        model = rebuild(folder, description, auto_class, config, state_dict)
+        if not adapter_only:
+            model = merge(model)
+    else:
+        with torch.device("meta"):
+            model = auto_class.from_config(config)
+        _fill_tied(model, state_dict)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+        if unexpected or [k for k in missing if k not in _tied(model)]:
+            raise UserError(f"export: checkpoint weights do not fit the model (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]})")
+        model.tie_weights()
     # Written beside the target and renamed into place: an interrupted export leaves no half folder.
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(description, tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if adapter_only:
+        AutoTokenizer.from_pretrained(description).save_pretrained(tmp)
+    else:
+        shutil.copytree(description, tmp, ignore=shutil.ignore_patterns(ADAPTER_CONFIG))
+    model.save_pretrained(tmp, safe_serialization=True)  # the peft model (adapter_only) writes its adapter folder
     if out.exists():
         out.rmdir()  # empty (checked above)
     os.replace(tmp, out)

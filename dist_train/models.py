@@ -76,22 +76,36 @@ def check_weights(folder: str | Path, what: str) -> None:
                             "(truncated or damaged); copy or export the model again")
 
 
-def build_model(model_cfg, auto_class, tokenizer, max_length: int, **head_kwargs):
+def load_pretrained(name: str, auto_class, trust_remote_code: bool = False, **kwargs):
+    """``auto_class`` from a pretrained folder or known name; returns (model, the keys of its weights that the
+    folder did not hold: a freshly initialised task head)."""
+    path = resolve_model_path(name)
+    check_weights(path, "model.pretrained")
+    try:
+        model, info = auto_class.from_pretrained(path, trust_remote_code=trust_remote_code, output_loading_info=True,
+                                                 **kwargs)
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError, ...: one line each
+        raise UserError(f"model.pretrained: cannot load '{path}': {_first_line(exc)}") from None
+    return model, set(info["missing_keys"])
+
+
+def build_model(model_cfg, auto_class, tokenizer, max_length: int, peft_task_type: str | None = None,
+                **head_kwargs):
     """Build ``auto_class`` (e.g. AutoModelForSequenceClassification) from a pretrained folder or a config.
 
     From scratch, the vocabulary size and the pad/bos/eos ids come from the tokenizer unless the config
-    sets them.
+    sets them. With ``model.lora`` the pretrained model comes back as a peft LoRA model of
+    ``peft_task_type`` (the task's): only the adapters and the fresh head train.
     """
     from transformers import AutoConfig
 
     if model_cfg.pretrained is not None:
-        path = resolve_model_path(model_cfg.pretrained)
-        check_weights(path, "model.pretrained")
-        try:
-            model = auto_class.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code, **head_kwargs)
-        except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError, ...: one line each
-            raise UserError(f"model.pretrained: cannot load '{path}': {_first_line(exc)}") from None
+        model, fresh = load_pretrained(model_cfg.pretrained, auto_class, model_cfg.trust_remote_code, **head_kwargs)
         _check_fits(model.config, tokenizer, max_length, "model.pretrained")
+        if model_cfg.lora is not None:
+            from dist_train.lora import add_adapters
+
+            model = add_adapters(model, model_cfg.lora, peft_task_type, fresh)
         return model
     kwargs = dict(model_cfg.config)
     model_type = kwargs.pop("model_type")

@@ -212,7 +212,7 @@ def cmd_export(args) -> int:
             raise UserError(f"export: OUT_DIR '{out}' cannot be written: no write permission")
     else:
         check_creatable(out, "export: OUT_DIR")
-    result = export_checkpoint(args.checkpoint, args.out_dir)
+    result = export_checkpoint(args.checkpoint, args.out_dir, adapter_only=args.adapter_only)
     print(f"exported {args.checkpoint} to {result}")
     return 0
 
@@ -331,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a training checkpoint (any engine) as a Hugging Face model folder")
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. output/sentiment/checkpoints/step-540")
     p.add_argument("out_dir", help="new folder for the model (safetensors, config with labels, tokenizer)")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="a LoRA checkpoint: write peft's adapter folder (adapter_config.json, adapter weights) "
+                        "instead of the merged model")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("tokenizer", help="train a tokenizer (byte-level BPE or WordPiece) on text files")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from dist_train.errors import UserError
 
@@ -34,6 +34,31 @@ def cpu_has_native_bf16() -> bool | None:
     except OSError:
         return None
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def trainable_names(model: torch.nn.Module) -> set[str] | None:
+    """The trained parameters' names when some parameters are frozen (LoRA), else None. A checkpoint then
+    holds only these: the frozen ones come back, deterministically, from ``model.pretrained``."""
+    params = dict(model.named_parameters())
+    names = {name for name, p in params.items() if p.requires_grad}
+    return names if len(names) < len(params) else None
+
+
+def load_trainable(model: torch.nn.Module, state: dict, names: set[str], where: str | Path) -> None:
+    """Copy a trainable-only checkpoint's tensors into ``model``; its parameters must be exactly ``names``
+    (buffers it also holds are copied too). Anything else is a UserError naming ``where``."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    saved = set(state) - set(buffers)
+    if saved != names:
+        missing, unexpected = sorted(names - saved), sorted(saved - names)
+        raise UserError(f"checkpoint '{where}' does not hold this model's trained parameters (missing "
+                        f"{missing[:3]}, unexpected {unexpected[:3]}); it was written by another model or "
+                        "model.lora setting")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            target = params.get(name, buffers.get(name))
+            target.copy_(tensor.to(target.device, target.dtype))
 
 
 def pick_device(local_rank: int = 0) -> torch.device:
@@ -201,11 +226,16 @@ class Engine:
         return self.unwrapped.state_dict() if self.is_main else None
 
     def save(self, folder: str | Path) -> None:
-        """Write model, optimizer, scheduler (and loss-scaler) state into ``folder``."""
+        """Write model (its trained parameters), optimizer, scheduler (and loss-scaler) state into ``folder``."""
         folder = Path(folder)
         if not self.is_main:
             return
-        save_model(self.unwrapped, str(folder / MODEL_FILE))
+        names = trainable_names(self.unwrapped)
+        if names is None:
+            save_model(self.unwrapped, str(folder / MODEL_FILE))
+        else:
+            save_file({n: p.detach().contiguous() for n, p in self.unwrapped.named_parameters() if n in names},
+                      str(folder / MODEL_FILE))
         torch.save(self.optimizer.state_dict(), folder / OPTIM_FILE)
         torch.save(self.scheduler.state_dict(), folder / SCHED_FILE)
         if self.scaler:
@@ -214,7 +244,11 @@ class Engine:
     def load(self, folder: str | Path, weights_only: bool = False) -> None:
         """Restore what ``save`` wrote; ``weights_only`` restores just the model weights."""
         folder = Path(folder)
-        load_model(self.unwrapped, str(folder / MODEL_FILE), device=str(self.device))
+        names = trainable_names(self.unwrapped)
+        if names is None:
+            load_model(self.unwrapped, str(folder / MODEL_FILE), device=str(self.device))
+        else:
+            load_trainable(self.unwrapped, load_file(str(folder / MODEL_FILE), device=str(self.device)), names, folder)
         if weights_only:
             return
         self.optimizer.load_state_dict(torch.load(folder / OPTIM_FILE, weights_only=True, map_location=self.device))
@@ -224,9 +258,8 @@ class Engine:
 
     @classmethod
     def consolidated_state_dict(cls, folder: str | Path) -> dict:
-        """The whole model's weights from a checkpoint of this format, read in this one process."""
-        from safetensors.torch import load_file
-
+        """The whole model's weights from a checkpoint of this format, read in this one process (a model with
+        frozen parameters: the trained ones)."""
         return load_file(str(Path(folder, MODEL_FILE)))
 
     def close(self) -> None:

@@ -58,6 +58,9 @@ class Task(abc.ABC):
     """Suffixes of Hugging Face architecture names that mean this task (a folder dist-train did not write)."""
     summary: ClassVar[tuple[str, ...]] = ("loss",)
     """Report keys of the one-line evaluation summary."""
+    peft_task_type: ClassVar[str | None] = None
+    """peft's ``TaskType`` for this task's models (``SEQ_CLS``, ``TOKEN_CLS``, ``CAUSAL_LM``): what ``model.lora``
+    wraps them as; None = LoRA is not offered for this task (the config check refuses it)."""
     reads_tables: ClassVar[bool] = True
     """One table file per split (``.tsv``, ``.jsonl``, ...) with named columns; False: text corpora (paths,
     globs, folders, lists)."""
@@ -130,7 +133,7 @@ class Task(abc.ABC):
 
     def build_model(self):
         return build_model(self.cfg.model, self.auto_model(), self.tokenizer, self.cfg.data.max_length,
-                           **self.head_kwargs())
+                           peft_task_type=self.peft_task_type, **self.head_kwargs())
 
     # -- the step ----------------------------------------------------------------------------------------
     def inputs(self, batch: dict) -> dict:

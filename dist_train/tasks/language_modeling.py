@@ -103,6 +103,7 @@ class CausalLMTask(LanguageModelTask):
     name = "causal_lm"
     separator = "eos"
     architectures = ("ForCausalLM", "LMHeadModel")
+    peft_task_type = "CAUSAL_LM"
     predict_hint = "use dist-train generate to continue a prompt, or dist-train eval for its perplexity on text"
     can_generate = True
 

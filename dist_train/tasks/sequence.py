@@ -34,6 +34,7 @@ def read_rows(path: str, data_cfg):
 
 class SequenceTask(Task):
     can_predict = True
+    peft_task_type = "SEQ_CLS"  # one head over the sequence (classification, multi-label, regression)
     numbered: bool = False
     """Give every example its position in its split (an ``index`` column, carried in batches): for
     evaluators that need each prediction in its place."""

@@ -59,6 +59,7 @@ class TokenClassificationTask(Task):
     name = "token_classification"
     metrics = ("entity_f1", "entity_precision", "entity_recall", "token_accuracy", "loss")
     architectures = ("ForTokenClassification",)
+    peft_task_type = "TOKEN_CLS"
     summary = ("loss", "entity_f1", "entity_precision", "entity_recall", "token_accuracy")
     can_predict = True
 
