@@ -195,6 +195,17 @@ def cmd_export(args) -> int:
     from dist_train.inference import check_creatable
     from dist_train.run_dir import can_write_in
 
+    if args.quantize and not args.onnx:
+        raise UserError(f"export: --quantize {args.quantize} quantizes the ONNX graph; add --onnx")
+    if args.onnx:
+        from dist_train.deploy import export_onnx
+
+        if args.adapter_only:
+            raise UserError("export: --onnx writes the whole model; drop --adapter-only")
+        result, check = export_onnx(args.checkpoint, args.out_dir, args.quantize)
+        print(f"exported {args.checkpoint} to {result} (ONNX {args.quantize or 'fp32'}; checked on {check['inputs']} "
+              f"texts: logits within {check['max_abs_diff']:.1e} of PyTorch's, {check['agreement']:.0%} same predictions)")
+        return 0
     # Paths are checked before export_checkpoint consolidates the weights (the slow part).
     ckpt, out = Path(args.checkpoint), Path(args.out_dir)
     if not ckpt.exists():
@@ -334,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-only", action="store_true",
                    help="a LoRA checkpoint: write peft's adapter folder (adapter_config.json, adapter weights) "
                         "instead of the merged model")
+    p.add_argument("--onnx", action="store_true", help="write an ONNX folder for onnxruntime instead (from a run, "
+                                                       "its final/ or a checkpoint); predict and eval take it")
+    p.add_argument("--quantize", choices=["int8"], help="with --onnx: int8 weights (dynamic quantization)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("tokenizer", help="train a tokenizer (byte-level BPE or WordPiece) on text files")
