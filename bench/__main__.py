@@ -4,6 +4,7 @@
     python -m bench pretrain_overhead --rounds 3
     python -m bench transfer pretrain --steps 2400
     python -m bench anchor_sts               # configs/sts_b.yaml as a plain transformers loop
+    python -m bench predict                  # predict: pipeline, dist-train in PyTorch, ONNX fp32 and int8
 """
 
 from __future__ import annotations
