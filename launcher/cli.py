@@ -184,7 +184,7 @@ def cmd_generate(args) -> int:
         print(f"wrote {len(texts)} generations to {args.output}")
         return 0
     for prompt, text in zip(prompts, texts):
-        print(f"{prompt}{text}")
+        print(" ".join(f"{prompt}{text}".split()))  # one line per prompt (--output keeps the text exactly)
     return 0
 
 
