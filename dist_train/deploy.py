@@ -91,7 +91,9 @@ class OnnxModel(torch.nn.Module):
                             "folder again with this dist-train")
         # Inputs the graph does not take were unused by the exported model (torch.onnx drops them).
         feed = {n: inputs[n].detach().cpu().numpy() for n in self.input_names}
-        return ModelOutput(logits=torch.from_numpy(self.session.run(None, feed)[0]))
+        # Back on the inputs' device: the task's evaluator meets them there with its labels (a GPU machine).
+        device = inputs[self.input_names[0]].device
+        return ModelOutput(logits=torch.from_numpy(self.session.run(None, feed)[0]).to(device))
 
     def generate(self, *args, **kwargs):
         raise UserError("generate: an ONNX folder holds a classifier graph, not a text generator; give the "

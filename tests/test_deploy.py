@@ -134,6 +134,9 @@ def test_a_missing_extra_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     with pytest.raises(UserError, match=r"export --onnx needs onnxscript.*pip install 'dist-train\[deploy\]'"):
         deploy.export_onnx("anything", "anywhere")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(UserError, match=r"is an ONNX folder: running it needs onnxruntime.*dist-train\[deploy\]"):
+        deploy.OnnxModel("some/folder")
 
 
 def test_predict_bench_runs_every_arm_on_a_tiny_setting(trained, exports, tmp_path):
