@@ -95,10 +95,6 @@ class OnnxModel(torch.nn.Module):
         device = inputs[self.input_names[0]].device
         return ModelOutput(logits=torch.from_numpy(self.session.run(None, feed)[0]).to(device))
 
-    def generate(self, *args, **kwargs):
-        raise UserError("generate: an ONNX folder holds a classifier graph, not a text generator; give the "
-                        "PyTorch model folder")
-
 
 def model_source(source: str) -> tuple[Path, bool]:
     """The model folder to convert from SOURCE (a run folder's ``final/``, a model folder), or a checkpoint
