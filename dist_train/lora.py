@@ -39,8 +39,8 @@ def _targets(model, lora_cfg) -> list[str]:
         linear = sorted({name.rpartition(".")[2] for name, m in model.named_modules()
                          if isinstance(m, torch.nn.Linear)})
         raise UserError(f"model.lora.target_modules: peft has no default LoRA layers for model type "
-                        f"'{model_type}'; list them, e.g. model.lora.target_modules=[{','.join(linear[:2])}] "
-                        f"(this model's linear layers: {', '.join(linear[:8])})")
+                        f"'{model_type}'; list them, e.g. model.lora.target_modules=[...] (this model's linear "
+                        f"layers: {', '.join(linear[:10])})")
     return list(DEFAULTS[model_type])
 
 
@@ -119,31 +119,3 @@ def rebuild(checkpoint: Path, description: Path, auto_class, config, state_dict:
         model = get_peft_model(base, PeftConfig.from_pretrained(str(description)))
     load_trainable(model, state_dict, trainable_names(model), checkpoint)
     return model
-
-
-def rebuild(checkpoint: Path, description: Path, auto_class, config, state_dict: dict) -> torch.nn.Module:
-    """The LoRA model of a checkpoint, in one process: the base from the run's ``model.pretrained`` (as its
-    ``config.yaml`` records it) with the run's head config, the adapters as ``hf/adapter_config.json``
-    records them, and the checkpoint's trained tensors (exactly those, else a UserError)."""
-    from peft import PeftConfig, get_peft_model
-
-    from dist_train.checkpoint import CONFIG_FILE
-    from dist_train.engine.base import load_trainable, trainable_names
-    from dist_train.models import load_pretrained
-
-    run = (yaml.safe_load((checkpoint / CONFIG_FILE).read_text()) or {}).get("model") or {}
-    if not run.get("pretrained"):
-        raise UserError(f"export: '{checkpoint}' is a LoRA checkpoint but its {CONFIG_FILE} names no "
-                        "model.pretrained to rebuild the frozen base from")
-    base, _ = load_pretrained(run["pretrained"], auto_class, bool(run.get("trust_remote_code")), config=config)
-    with _quiet_peft():
-        model = get_peft_model(base, PeftConfig.from_pretrained(str(description)))
-    load_trainable(model, state_dict, trainable_names(model), checkpoint)
-    return model
-
-
-def save_adapter(model, out) -> None:
-    """peft's adapter folder: ``adapter_config.json`` and the adapter (and head) weights, loadable with
-    ``PeftModel.from_pretrained(base, out)`` on the base model."""
-    model.save_pretrained(out, safe_serialization=True)
-

@@ -112,7 +112,7 @@ def test_zero_shards_optimizer_state(workdir):
 def test_only_rank_0_writes(workdir):
     out = run(workdir, "ddp_w2_ga2_m2")
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "eval_report.json", "final",
-                                                    "metrics.jsonl"]
+                                                    "metrics.jsonl", "report.png"]
     steps = [r["step"] for r in records(out, "train")]
     assert steps == sorted(set(steps))
 

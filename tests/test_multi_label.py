@@ -4,10 +4,10 @@ predict, and bad input.
 
 No openly licensed multi-label corpus is at hand offline, so the data is built here: four labels, each
 decided by its own cue word; a document has each label with probability 0.4 (none at all in about 1 of 8),
-among 2-4 filler words. The tiny BERT reaches test f1_micro ~0.93 on it in 180 steps.
+among 2-4 filler words. The tiny BERT reaches test f1_micro ~0.95 on it in 240 steps ("learn").
 
-Every training run is a real process, run once per module (``_runs``): the world-1 run is the learning
-check, the reference for world 2 and the uninterrupted run that the resumed one must equal.
+Every training run is a real process, run once per module (``_runs``): "learn" for learning and the
+export, 40-step runs for the engines (world 1, DDP and ZeRO-2 at world 2) and for resuming.
 """
 
 from __future__ import annotations
@@ -63,20 +63,25 @@ def work(tmp_path_factory):
     cfg = tiny_config(tmp, files, model={"config": NO_DROPOUT, "tokenizer": "all-MiniLM-L6-v2"},
                       task={"name": "multi_label"},
                       data={"text_column": "text", "label_column": "labels", "max_length": 16},
-                      train={"epochs": 6, "micro_batch_size": 4, "grad_accum": 2, "lr": 3e-3},
+                      # a constant 1e-3 learns this data steadily (4 train seeds: test f1_micro 0.90-0.98)
+                      train={"epochs": 8, "micro_batch_size": 8, "lr": 1e-3, "scheduler": "constant"},
                       # final/ = the last weights, for the resume comparison
-                      checkpoint={"every_steps": 40, "keep_last_n": 1, "every_epoch": False,
+                      checkpoint={"every_steps": 10, "keep_last_n": 1, "every_epoch": False,
                                   "load_best_at_end": False},
                       logging={"every_steps": 10, "progress_bar": False, "tensorboard": False})
     return tmp, cfg
 
 
-RUNS = {  # name: (processes, overrides); micro-batch 4, two per optimizer step: the same global batches
-    "world1": (1, ["engine.kind=single"]),
-    "ddp": (2, ["engine.kind=ddp", "train.grad_accum=1"]),
-    "zero2": (2, ["engine.kind=deepspeed", "engine.zero_stage=2", "train.grad_accum=1"]),
-    "failed": (1, ["engine.kind=single"]),
-    "resumed": (1, ["engine.kind=single", "checkpoint.resume=auto"]),
+# The engines and resume are compared on 40 steps of two micro-batches of 4 (the same global batches at
+# world 1 and 2); "learn" is the whole training, 240 steps.
+SHORT = ["train.max_steps=40", "train.micro_batch_size=4"]
+RUNS = {  # name: (processes, overrides)
+    "learn": (1, ["engine.kind=single"]),
+    "world1": (1, [*SHORT, "engine.kind=single", "train.grad_accum=2"]),
+    "ddp": (2, [*SHORT, "engine.kind=ddp"]),
+    "zero2": (2, [*SHORT, "engine.kind=deepspeed", "engine.zero_stage=2"]),
+    "failed": (1, [*SHORT, "engine.kind=single", "train.grad_accum=2"]),
+    "resumed": (1, [*SHORT, "engine.kind=single", "train.grad_accum=2", "checkpoint.resume=auto"]),
 }
 _runs: dict = {}
 
@@ -87,7 +92,7 @@ def run(work, name: str):
         tmp, cfg = work
         nproc, overrides = RUNS[name]
         out = tmp / ("resumed" if name == "failed" else name)  # the resumed run continues the failed one
-        env = {"DIST_TRAIN_FAIL_AT": "0:50"} if name == "failed" else None
+        env = {"DIST_TRAIN_FAIL_AT": "0:25"} if name == "failed" else None
         result = execute(worker_cmd(nproc, cfg, f"output_dir={out}", *overrides), env)
         assert (result.returncode != 0) == (name == "failed"), result.stderr[-4000:]
         _runs[name] = out, result
@@ -171,11 +176,11 @@ def test_one_label_is_a_label_matrix_too(work):
 
 # -- training --------------------------------------------------------------------------------------------
 def test_training_learns_the_cue_words(work):
-    out, _ = run(work, "world1")
+    out, _ = run(work, "learn")
     report = report_of(out)
     assert report["n"] == SPLITS["test"][0]
-    assert report["f1_micro"] > 0.85 and report["f1_macro"] > 0.85, report
-    assert report["hamming_loss"] < 0.08 and report["subset_accuracy"] > 0.6, report
+    assert report["f1_micro"] > 0.85 and report["f1_macro"] > 0.85, report  # all labels always: 0.57
+    assert report["hamming_loss"] < 0.1 and report["subset_accuracy"] > 0.5, report
     assert set(report["per_label"]) == set(CUES)
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["problem_type"] == "multi_label_classification"
@@ -196,9 +201,9 @@ def test_world_2_reports_what_world_1_does(work, name):
 def test_resumed_run_equals_the_uninterrupted_one(work):
     full = run(work, "world1")[0]
     _, failed = run(work, "failed")
-    assert "injected failure at step 50" in failed.stderr
+    assert "injected failure at step 25" in failed.stderr
     out, resumed = run(work, "resumed")
-    assert "resuming from" in resumed.stdout and "step-40 at step 40" in resumed.stdout
+    assert "resuming from" in resumed.stdout and "step-20 at step 20" in resumed.stdout
     assert max_diff(full / "final", out / "final") == 0.0
     assert report_of(out) == report_of(full)
 
@@ -206,7 +211,7 @@ def test_resumed_run_equals_the_uninterrupted_one(work):
 # -- the export ------------------------------------------------------------------------------------------
 def test_eval_on_the_export_reproduces_the_test_report(work, capfd):
     tmp, _ = work
-    out = run(work, "world1")[0]
+    out = run(work, "learn")[0]
     code, stdout, stderr = in_process(["eval", str(out / "final"), "--data", str(tmp / "data" / "test.jsonl"),
                                        "--batch-size", "16"], capfd)
     assert code == 0, stderr
@@ -220,7 +225,7 @@ def test_the_transformers_pipeline_gives_every_label_its_sigmoid(work, capfd):
 
     from dist_train.inference import ModelFolder, ModelInUse
 
-    final = run(work, "world1")[0] / "final"
+    final = run(work, "learn")[0] / "final"
     texts = ["pizza election today", "the city week", "football software report"]
     scores = pipeline("text-classification", model=str(final), top_k=None)(texts)
     ours = ModelInUse(ModelFolder(str(final)), {}).predict(texts, None, 8)
@@ -242,7 +247,7 @@ def test_the_transformers_pipeline_gives_every_label_its_sigmoid(work, capfd):
 
 def test_predict_file_writes_every_probability(work, capfd):
     tmp, _ = work
-    final = run(work, "world1")[0] / "final"
+    final = run(work, "learn")[0] / "final"
     preds = tmp / "preds.tsv"
     code, stdout, stderr = in_process(["predict", str(final), "--file", str(tmp / "data" / "test.jsonl"),
                                        "--output", str(preds)], capfd)
@@ -265,7 +270,8 @@ BAD = {  # id: (argv after the command, with {d}: the data folder, {cfg}, {final
     "empty-label": ("train {cfg} data.train={d}/empty.jsonl", "'{d}/empty.jsonl': line 1: an empty label"),
     "no-label-at-all": ("train {cfg} data.train={d}/nolabels.jsonl", "no row has a label"),
     "lists-for-one-label-task": ("train {cfg} task.name=classification",
-                                 "line 1: label ['politics', 'sports'] is a list; this task reads one label per row"),
+                                 "is a list; this task reads one label per row; for any number of labels per "
+                                 "row use task.name=multi_label"),
     "tsv-without-separator": ("train {cfg} data.train={d}/train.tsv", "set data.label_separator"),
     "empty-separator": ("train {cfg} data.label_separator=|", "data.label_separator is empty"),
     "threshold-0": ("train {cfg} task.threshold=0", "task.threshold must be in (0, 1), got 0"),
@@ -278,7 +284,7 @@ BAD = {  # id: (argv after the command, with {d}: the data folder, {cfg}, {final
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(work, case, capfd):
     tmp, cfg = work
-    final = run(work, "world1")[0] / "final"
+    final = run(work, "learn")[0] / "final"
     names = {"d": tmp / "data", "cfg": cfg, "final": final}
     argv, fragment = BAD[case]
     before = snapshot(tmp)

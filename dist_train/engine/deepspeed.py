@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from dist_train.engine.base import load_trainable, trainable_names
 from dist_train.engine.dist_env import DistEnv, DistributedEngine
 from dist_train.errors import UserError
 
@@ -176,8 +177,10 @@ class DeepSpeedEngine(DistributedEngine):
         return full if self.is_main else None
 
     def save(self, folder: str | Path) -> None:
-        # Our LR schedule is not DeepSpeed's, so its state travels as client state.
-        self.ds.save_checkpoint(str(folder), tag=TAG, client_state={"scheduler": self.scheduler.state_dict()})
+        # Our LR schedule is not DeepSpeed's, so its state travels as client state. Frozen parameters (LoRA)
+        # stay out: they come back from model.pretrained.
+        self.ds.save_checkpoint(str(folder), tag=TAG, client_state={"scheduler": self.scheduler.state_dict()},
+                                exclude_frozen_parameters=trainable_names(self.ds.module) is not None)
 
     def load(self, folder: str | Path, weights_only: bool = False) -> None:
         folder = Path(folder)
@@ -195,11 +198,15 @@ class DeepSpeedEngine(DistributedEngine):
         # DeepSpeed's ZeRO-3 universal load copies param group 0's hyperparameters into every group, which
         # would give the no-decay group (biases, norms) weight decay; they are the config's, so keep ours.
         groups = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.torch_optimizer().param_groups]
+        names = trainable_names(self.ds.module)
+        # A trainable-only checkpoint must hold exactly the trained parameters (DeepSpeed's strict load would
+        # ask for the frozen ones too).
+        only_trained = None if names is None else lambda src, dst: load_trainable(dst, src, names, folder)
         try:
             with weights_only_loads(), universal_loading(self.ds, resharded):
                 _, client = self.ds.load_checkpoint(str(source), tag=TAG, load_module_only=weights_only,
                                                     load_optimizer_states=not weights_only,
-                                                    load_lr_scheduler_states=False)
+                                                    load_lr_scheduler_states=False, custom_load_fn=only_trained)
         finally:
             if resharded:
                 self.barrier()
@@ -223,7 +230,8 @@ class DeepSpeedEngine(DistributedEngine):
         """Copy full weights into the (possibly ZeRO-3 partitioned) model; optimizer state is untouched."""
         import deepspeed
 
-        params = dict(self.ds.module.named_parameters())
+        trained = trainable_names(self.ds.module)  # None: all; else the checkpoint holds only these
+        params = {n: p for n, p in self.ds.module.named_parameters() if trained is None or n in trained}
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0,
                                                enabled=self.ds.zero_optimization_partition_weights()):
             with torch.no_grad():

@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.tensor import DTensor
 
+from dist_train.engine.base import trainable_names
 from dist_train.engine.dist_env import DistEnv, DistributedEngine
 from dist_train.errors import UserError
 
@@ -177,10 +178,17 @@ class FSDPEngine(DistributedEngine):
                 full[alias] = full[first]
         return full
 
+    def _options(self) -> StateDictOptions:
+        # Frozen parameters (LoRA) are neither saved nor loaded: they come back from model.pretrained. DCP
+        # reads exactly the keys asked for (one absent fails the load); strict=False only lets the frozen
+        # ones be absent from what it hands to the model.
+        frozen = trainable_names(self.model) is not None
+        return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
     def _state(self, weights_only: bool = False) -> dict:
         if weights_only:
-            return {"model": get_model_state_dict(self.model)}
-        model, optimizer = get_state_dict(self.model, self.optimizer)
+            return {"model": get_model_state_dict(self.model, options=self._options())}
+        model, optimizer = get_state_dict(self.model, self.optimizer, options=self._options())
         return {"model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
 
     def save(self, folder: str | Path) -> None:
@@ -190,10 +198,10 @@ class FSDPEngine(DistributedEngine):
         state = self._state(weights_only)
         _read(Path(folder, DCP_DIR), state)
         if weights_only:
-            set_model_state_dict(self.model, state["model"])
+            set_model_state_dict(self.model, state["model"], options=self._options())
             return
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
+                       optim_state_dict=state["optimizer"], options=self._options())
         self.scheduler.load_state_dict(state["scheduler"])
 
     @classmethod
