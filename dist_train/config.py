@@ -78,6 +78,12 @@ class ModelConfig:
     """Fine-tune ``pretrained`` with LoRA adapters instead of all weights, e.g. ``{r: 8, alpha: 16}``; null =
     full fine-tuning. Checkpoints then hold only the trained tensors; ``final/`` is a plain model with the
     adapters merged in (docs/configuration.md#lora)."""
+    cls_only_last_layer: Union[bool, Literal["auto"]] = field(default="auto", metadata=MAY_CHANGE)
+    """Sequence classifiers whose head reads [CLS] alone (BERT, RoBERTa, MiniLM...): compute the last layer's
+    query, attention output and feed-forward for position 0 only (keys and values still for every token).
+    The same logits, loss and gradients for ~1/6 less work in a 6-layer model; the model and its exports stay
+    stock. ``auto``: wherever it applies (not with LoRA, token or LM tasks); ``true``: required; ``false``: off
+    (docs/performance.md)."""
 
 
 @dataclass
@@ -676,6 +682,9 @@ def _check_lora(m: ModelConfig, task) -> None:
         able = [name for name in TASKS if task_class(name).peft_task_type is not None]
         raise UserError(f"config: model.lora is not available for task.name {task.name}; it works with "
                         f"{', '.join(able)} (or set model.lora=null)")
+    if m.cls_only_last_layer is True:
+        raise UserError("config: model.cls_only_last_layer=true does not work with model.lora (peft wraps the last "
+                        "layer); set it to auto")
     targets = m.lora.target_modules
     if targets is not None and (not targets or any(not str(t).strip() for t in targets)):
         raise UserError(f"config: model.lora.target_modules must name modules (e.g. [query, value]), got {targets}; "

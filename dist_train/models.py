@@ -97,6 +97,14 @@ def build_model(model_cfg, auto_class, tokenizer, max_length: int, peft_task_typ
     sets them. With ``model.lora`` the pretrained model comes back as a peft LoRA model of
     ``peft_task_type`` (the task's): only the adapters and the fresh head train.
     """
+    from dist_train import cls_only
+
+    model = _build(model_cfg, auto_class, tokenizer, max_length, peft_task_type, **head_kwargs)
+    cls_only.apply(model, model_cfg.cls_only_last_layer)
+    return model
+
+
+def _build(model_cfg, auto_class, tokenizer, max_length: int, peft_task_type: str | None, **head_kwargs):
     from transformers import AutoConfig
 
     if model_cfg.pretrained is not None:

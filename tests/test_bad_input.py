@@ -151,6 +151,13 @@ MODELS = rows(
         "(truncated or damaged)"),
     Row("tokenizer-missing", "train {cfg} model.tokenizer={w}/notok", 2, "model.tokenizer: '"),
     Row("max-length-beyond-positions", "train {cfg} data.max_length=256", 2, "exceeds the model's 128 positions"),
+    Row("cls-only-not-a-setting", "train {cfg} model.cls_only_last_layer=maybe", 2,
+        "'model.cls_only_last_layer' expects bool or 'auto', got 'maybe'"),
+    Row("cls-only-required-for-an-lm", "train {cfg} task.name=masked_lm model.cls_only_last_layer=true "
+        "data.train={w}/data/corpus.txt data.validation=null data.test=null task.label_names=null", 2,
+        "model.cls_only_last_layer=true: BertForMaskedLM is not a BERT-family sequence classifier"),
+    Row("cls-only-required-with-lora", "train {cfg} model.config=null model.tokenizer=null model.pretrained={minilm} "
+        "model.lora.r=4 model.cls_only_last_layer=true", 2, "does not work with model.lora"),
 )
 
 DATA = rows(

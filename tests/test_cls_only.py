@@ -70,3 +70,35 @@ def test_auto_is_off_where_the_head_reads_other_positions():
         with pytest.raises(UserError, match="set it to auto"):
             cls_only.apply(model, True)
     assert not cls_only.apply(tiny(AutoModelForSequenceClassification, num_labels=2), False)
+
+
+def test_training_with_it_ends_where_the_stock_model_ends(sentiment_slice, tmp_path):
+    """The whole loop (dropout on, 10 steps of AdamW): auto (on for this BERT classifier) and off end at the
+    same weights and test metrics, up to float rounding of the smaller matmuls."""
+    import json
+
+    from conftest import max_diff, tiny_config
+    from dist_train.config import load_config
+    from dist_train.trainer import train
+
+    files = {"train": sentiment_slice["train"], "validation": sentiment_slice["dev"], "test": sentiment_slice["test"]}
+    cfg = tiny_config(tmp_path, files, train={"epochs": 1, "micro_batch_size": 16, "lr": 1e-3},
+                      checkpoint={"load_best_at_end": False}, logging={"progress_bar": False, "tensorboard": False})
+    from dist_train.models import build_model, load_tokenizer
+
+    def shortcut(setting):  # whether the model, as training builds it, has the [CLS]-only last layer
+        model_cfg = load_config(cfg, [f"model.cls_only_last_layer={setting}"]).model
+        model = build_model(model_cfg, AutoModelForSequenceClassification, load_tokenizer("all-MiniLM-L6-v2"), 32,
+                            num_labels=2)
+        return "forward" in vars(cls_only.last_layer(model))
+
+    assert shortcut("auto") and not shortcut("false")
+    outs = {}
+    for setting in ("auto", "false"):
+        outs[setting] = out = tmp_path / setting
+        train(load_config(cfg, [f"output_dir={out}", f"model.cls_only_last_layer={setting}"]))
+    assert max_diff(outs["auto"] / "final", outs["false"] / "final") < 1e-5
+    reports = [json.loads((outs[s] / "eval_report.json").read_text()) for s in outs]
+    assert reports[0]["n"] == reports[1]["n"] == 37
+    assert reports[0]["loss"] == pytest.approx(reports[1]["loss"], abs=1e-5)
+    assert reports[0]["accuracy"] == reports[1]["accuracy"]
