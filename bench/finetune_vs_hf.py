@@ -9,7 +9,9 @@ first --examples rows of data/sentiment/train.tsv for one epoch, with the same h
 AdamW lr 1e-4, weight decay 0.01 off biases and LayerNorms, linear schedule with 6% warmup, clipping at 1.0,
 max_length 64, seed 42), precision and thread count:
 
-    dist_train       dist-train as configured by configs/sentiment.yaml (length-grouped dynamic batches)
+    dist_train       dist-train as configured by configs/sentiment.yaml (length-grouped dynamic batches; the
+                     [CLS]-only last layer on, its default for this model)
+    dist_train_stock the same with model.cls_only_last_layer=false: the whole last layer, as everyone else
     trainer          transformers Trainer, dynamic padding (DataCollatorWithPadding), random batches
     trainer_grouped  the same with train_sampling_strategy=group_by_length (group_by_length=True before v5)
     seed             the seed's approach: the whole set tokenized once, padded to its longest row, fixed
@@ -41,7 +43,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("dist_train", "trainer", "trainer_grouped", "seed", "bare")
+ARMS = ("dist_train", "dist_train_stock", "trainer", "trainer_grouped", "seed", "bare")
 HP = {"batch": 32, "lr": 1e-4, "weight_decay": 0.01, "warmup_ratio": 0.06, "max_grad_norm": 1.0,
       "max_length": 64, "seed": 42, "eval_batch": 64}
 TINY = {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -175,10 +177,10 @@ def throughput(a, step_end_times: list[float]) -> float:
     return sum(sizes[a.warmup:]) / (step_end_times[-1] - step_end_times[a.warmup - 1])
 
 
-def dist_train_arm(a) -> dict:
-    work = Path(a.work) / "dist-train"
+def dist_train_arm(a, stock: bool = False) -> dict:
+    work = Path(a.work) / ("dist-train-stock" if stock else "dist-train")
     cfg = yaml.safe_load((ROOT / "configs" / "sentiment.yaml").read_text())
-    model = {"pretrained": model_folder(a)}
+    model = {"pretrained": model_folder(a), "cls_only_last_layer": "auto" if not stock else False}
     cfg.update(output_dir=str(work / "run"), overwrite=True, model=model)
     cfg["data"].update(train=str(Path(a.work) / "train.tsv"), validation=str(Path(a.work) / "dev.tsv"),
                        test=None, max_length=HP["max_length"], cache_dir=str(work / "cache"))
@@ -334,7 +336,8 @@ def plain_loop(a, path: str, train, dev, fused) -> dict:
             "input_tokens": fed}
 
 
-ARM_RUNNERS = {"dist_train": dist_train_arm, "trainer": lambda a: trainer_arm(a, grouped=False),
+ARM_RUNNERS = {"dist_train": dist_train_arm, "dist_train_stock": lambda a: dist_train_arm(a, stock=True),
+               "trainer": lambda a: trainer_arm(a, grouped=False),
                "trainer_grouped": lambda a: trainer_arm(a, grouped=True), "seed": seed_arm, "bare": bare_arm}
 
 if __name__ == "__main__":
