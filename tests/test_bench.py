@@ -36,7 +36,8 @@ def test_pretrain_overhead_bench_runs_on_a_tiny_setting(tmp_path):
 
 
 def test_finetune_vs_hf_bench_runs_every_arm_on_a_tiny_setting(tmp_path):
-    """dist-train, Trainer (grouping off/on), the seed's loop and the bare loop all train the same 96 rows."""
+    """dist-train ([CLS]-only last layer on / off), Trainer (grouping off/on), the seed's loop and the bare
+    loop all train the same 96 rows."""
     out = tmp_path / "finetune.json"
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     result = subprocess.run([sys.executable, "-m", "bench", "finetune_vs_hf", "--tiny", "--examples", "96",
@@ -44,13 +45,16 @@ def test_finetune_vs_hf_bench_runs_every_arm_on_a_tiny_setting(tmp_path):
                              "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    arms = ("dist_train", "trainer", "trainer_grouped", "seed", "bare")
+    arms = ("dist_train", "dist_train_stock", "trainer", "trainer_grouped", "seed", "bare")
     assert set(data["runs"]) == set(arms)
     for arm in arms:
         run = data["runs"][arm][0]
         assert run["steps"] == 3 and run["examples_per_s"] > 0, (arm, run)
         assert round(run["dev_accuracy"] * 40) == run["dev_accuracy"] * 40  # a share of exactly 40 dev rows
-    fed = {arm: data["runs"][arm][0]["input_tokens"] for arm in arms if arm != "dist_train"}
+    fed = {arm: data["runs"][arm][0]["input_tokens"] for arm in arms if not arm.startswith("dist_train")}
+    # The shortcut computes what the whole last layer computes: the same predictions, up to float rounding.
+    accuracy = {arm: data["runs"][arm][0]["dev_accuracy"] for arm in ("dist_train", "dist_train_stock")}
+    assert abs(accuracy["dist_train"] - accuracy["dist_train_stock"]) <= 1 / 40
     # Padding to the longest row of the whole set feeds the most positions; length grouping the fewest.
     assert data["real_tokens"] <= fed["bare"] <= fed["trainer"] <= fed["seed"]
     assert set(data["ratios"]) == {f"dist_train/{arm}" for arm in arms[1:]}

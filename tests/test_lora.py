@@ -1,5 +1,5 @@
-"""LoRA (``model.lora``, through peft): what trains, what a checkpoint holds, bit-exact resume (one process and
-DDP at world 2), the merged ``final/`` and ``dist-train export`` (merged, ``--adapter-only``), causal LM, and
+"""LoRA (``model.lora``, through peft): what trains, what a checkpoint holds, bit-exact resume (one process,
+DDP and DeepSpeed ZeRO-2 at world 2), the merged ``final/`` and ``dist-train export`` (merged, ``--adapter-only``), causal LM, and
 config errors. The pretrained bases are tiny random models saved into a temp folder (LoRA needs a base to
 freeze); one cue word decides the label, so the adapters have something to learn.
 """
@@ -22,7 +22,8 @@ ROWS = 160  # micro-batch 8, 2 micro-batches a step: 10 steps an epoch, 20 in al
 LORA = {"r": 4, "alpha": 8, "dropout": 0.1}  # dropout on: a resume must restore the RNG too
 TINY_DISTILBERT = {"model_type": "distilbert", "dim": 64, "n_layers": 2, "n_heads": 2, "hidden_dim": 128,
                    "vocab_size": 30522, "max_position_embeddings": 128}
-ENGINES = {"single": (1, ["engine.kind=single", "train.grad_accum=2"]), "ddp": (2, ["engine.kind=ddp"])}
+ENGINES = {"single": (1, ["engine.kind=single", "train.grad_accum=2"]), "ddp": (2, ["engine.kind=ddp"]),
+           "zero2": (2, ["engine.kind=deepspeed", "engine.zero_stage=2"])}
 
 
 @pytest.fixture(scope="module")
