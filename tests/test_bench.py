@@ -58,7 +58,7 @@ def test_finetune_vs_hf_bench_runs_every_arm_on_a_tiny_setting(tmp_path):
     # Padding to the longest row of the whole set feeds the most positions; length grouping the fewest.
     assert data["real_tokens"] <= fed["bare"] <= fed["trainer"] <= fed["seed"]
     assert set(data["ratios"]) == {f"dist_train/{arm}" for arm in arms[1:]}
-    assert "ratios: dist_train/trainer " in result.stdout
+    assert "ratios: dist_train/dist_train_stock " in result.stdout and " dist_train/trainer " in result.stdout
 
 
 def test_one_entry_point_lists_and_runs_the_benchmarks():
