@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import yaml
 from conftest import ROOT
 
 
@@ -71,3 +73,29 @@ def test_one_entry_point_lists_and_runs_the_benchmarks():
     assert helped.returncode == 0 and "--in-domain-copies" in helped.stdout
     unknown = subprocess.run([sys.executable, "-m", "bench", "nope"], cwd=ROOT, capture_output=True, text=True)
     assert unknown.returncode == 2 and "unknown benchmark 'nope'" in unknown.stderr
+
+
+def test_job_vs_trainer_bench_runs_the_whole_job_in_every_arm(tmp_path):
+    """dist-train, Trainer and the seed's script each train, validate, test and export the same tiny job."""
+    cfg = yaml.safe_load((ROOT / "configs" / "sentiment.yaml").read_text())
+    for key, (name, rows) in {"train": ("train", 64), "validation": ("dev", 40), "test": ("test", 30)}.items():
+        lines = (ROOT / "data" / "sentiment" / f"{name}.tsv").read_text().splitlines(keepends=True)
+        (tmp_path / f"{name}.tsv").write_text("".join(lines[: rows + 1]))
+        cfg["data"][key] = str(tmp_path / f"{name}.tsv")
+    cfg["train"].update(epochs=2, micro_batch_size=16, eval_every=2)  # 8 steps, dev every 2
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "job.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-m", "bench", "job_vs_trainer", "--tiny", "--config",
+                             str(tmp_path / "job.yaml"), "--rounds", "1", "--work", str(tmp_path / "work"),
+                             "--out", str(out)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data["runs"]) == {"dist_train", "trainer", "seed"}
+    for arm, (run,) in data["runs"].items():
+        assert run["wall_s"] > 0 and (Path(run["export"]) / "config.json").is_file(), (arm, run)
+        assert round(run["test_accuracy"] * 30) == run["test_accuracy"] * 30  # a share of exactly 30 test rows
+        assert round(run["best_dev_accuracy"] * 40) == run["best_dev_accuracy"] * 40
+    assert set(data["ratios"]) == {"trainer/dist_train", "seed/dist_train"}
+    assert "(goal >= 1.3)" in result.stdout
