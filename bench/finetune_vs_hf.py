@@ -12,6 +12,7 @@ max_length 64, seed 42), precision and thread count:
     dist_train       dist-train as configured by configs/sentiment.yaml (length-grouped dynamic batches; the
                      [CLS]-only last layer on, its default for this model)
     dist_train_stock the same with model.cls_only_last_layer=false: the whole last layer, as everyone else
+    dist_train_malloc dist_train with train.reuse_host_memory=false: glibc's default handling of large blocks
     trainer          transformers Trainer, dynamic padding (DataCollatorWithPadding), random batches
     trainer_grouped  the same with train_sampling_strategy=group_by_length (group_by_length=True before v5)
     seed             the seed's approach: the whole set tokenized once, padded to its longest row, fixed
@@ -43,7 +44,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("dist_train", "dist_train_stock", "trainer", "trainer_grouped", "seed", "bare")
+ARMS = ("dist_train", "dist_train_stock", "dist_train_malloc", "trainer", "trainer_grouped", "seed", "bare")
 HP = {"batch": 32, "lr": 1e-4, "weight_decay": 0.01, "warmup_ratio": 0.06, "max_grad_norm": 1.0,
       "max_length": 64, "seed": 42, "eval_batch": 64}
 TINY = {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -177,8 +178,8 @@ def throughput(a, step_end_times: list[float]) -> float:
     return sum(sizes[a.warmup:]) / (step_end_times[-1] - step_end_times[a.warmup - 1])
 
 
-def dist_train_arm(a, stock: bool = False) -> dict:
-    work = Path(a.work) / ("dist-train-stock" if stock else "dist-train")
+def dist_train_arm(a, stock: bool = False, reuse_host_memory: bool = True) -> dict:
+    work = Path(a.work) / ("dist-train-stock" if stock else "dist-train" if reuse_host_memory else "dist-train-malloc")
     cfg = yaml.safe_load((ROOT / "configs" / "sentiment.yaml").read_text())
     model = {"pretrained": model_folder(a), "cls_only_last_layer": "auto" if not stock else False}
     cfg.update(output_dir=str(work / "run"), overwrite=True, model=model)
@@ -186,7 +187,8 @@ def dist_train_arm(a, stock: bool = False) -> dict:
                        test=None, max_length=HP["max_length"], cache_dir=str(work / "cache"))
     cfg["train"].update(epochs=1, micro_batch_size=HP["batch"], lr=HP["lr"], weight_decay=HP["weight_decay"],
                         warmup_ratio=HP["warmup_ratio"], max_grad_norm=HP["max_grad_norm"], seed=HP["seed"],
-                        precision=a.precision, eval_every=0, eval_batch_size=HP["eval_batch"])
+                        precision=a.precision, eval_every=0, eval_batch_size=HP["eval_batch"],
+                        reuse_host_memory=reuse_host_memory)
     cfg["checkpoint"].update(every_epoch=False, load_best_at_end=False)
     # A log record every `warmup` steps: the first covers the warm-up steps, the others the timed ones.
     cfg["logging"] = {"every_steps": a.warmup, "progress_bar": False, "tensorboard": False}
@@ -337,6 +339,7 @@ def plain_loop(a, path: str, train, dev, fused) -> dict:
 
 
 ARM_RUNNERS = {"dist_train": dist_train_arm, "dist_train_stock": lambda a: dist_train_arm(a, stock=True),
+               "dist_train_malloc": lambda a: dist_train_arm(a, reuse_host_memory=False),
                "trainer": lambda a: trainer_arm(a, grouped=False),
                "trainer_grouped": lambda a: trainer_arm(a, grouped=True), "seed": seed_arm, "bare": bare_arm}
 

@@ -35,7 +35,7 @@ def overrides(a) -> list[str]:
     out = [f"train.max_steps={a.warmup + a.steps}", f"logging.every_steps={a.warmup}", "data.validation_split=0",
            "train.eval_every=0", "checkpoint.every_epoch=false", "checkpoint.load_best_at_end=false",
            "logging.progress_bar=false", "logging.tensorboard=false", "overwrite=true", f"train.seed={a.seed}",
-           f"data.cache_dir={a.work}/cache"]
+           f"data.cache_dir={a.work}/cache", f"train.reuse_host_memory={a.host_memory == 'reuse'}"]
     if a.tiny:
         out += [f"model.config.{k}={v}" for k, v in TINY.items()] + ["model.train_tokenizer.vocab_size=2000"]
     return out
@@ -58,7 +58,7 @@ def dist_train_run(a) -> float:
 
 def bare_run(a) -> float:
     cmd = [sys.executable, __file__, "--bare", "--work", a.work, "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--seed", str(a.seed)] + (["--tiny"] if a.tiny else [])
+           "--seed", str(a.seed), "--host-memory", a.host_memory] + (["--tiny"] if a.tiny else [])
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env(a))
     if result.returncode != 0:
         sys.exit(f"bare loop failed:\n{result.stderr[-3000:]}")
@@ -76,6 +76,10 @@ def bare_loop(a) -> None:
     import torch.nn.functional as F
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
+    if a.host_memory == "reuse":
+        from dist_train.host_memory import reuse_freed_memory
+
+        reuse_freed_memory()  # what dist-train does at start (train.reuse_host_memory): the same heap in both
     cfg = yaml.safe_load(CONFIG.read_text())
     out = Path(a.work) / "dist-train"
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
@@ -125,6 +129,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--tiny", action="store_true", help="a 2-layer width-64 model (smoke test)")
+    p.add_argument("--host-memory", choices=["reuse", "default"], default="reuse",
+                   help="both sides keep freed large blocks for reuse (dist-train's default, "
+                        "train.reuse_host_memory) or both use glibc's defaults")
     p.add_argument("--work", default=str(ROOT / "output" / "bench-pretrain-overhead"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "pretrain_overhead.json"))
     p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
@@ -144,7 +151,7 @@ def main() -> None:
     import torch
 
     result = {"model": "tiny" if a.tiny else cfg["model"]["config"], "block": a.block, "micro_batch": a.batch,
-              "threads": a.threads, "timed_steps": a.steps, "warmup_steps": a.warmup, "rounds": a.rounds,
+              "threads": a.threads, "host_memory": a.host_memory, "timed_steps": a.steps, "warmup_steps": a.warmup, "rounds": a.rounds,
               "tokens_per_s": runs, "median": med, "ratio_dist_train_over_bare": ratio, "torch": torch.__version__,
               "command": " ".join(["python bench/pretrain_overhead.py", *sys.argv[1:]])}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,12 @@ class DataConfig:
     label_separator: Optional[str] = None
     """multi_label in a .tsv/.csv: what separates a row's labels in its ``label_column`` cell (e.g. ``|`` for
     ``sports|politics``; an empty cell = no labels). JSON lines and Parquet hold a list per row instead."""
+    train_rows: Optional[int] = None
+    """Train on this many rows of ``train`` (after ``validation_split``), e.g. for a learning curve; null = all.
+    Classification draws a stratified subset (each label keeps its share); other tasks a random one. Nested:
+    for one ``train_rows_seed``, the rows of a smaller subset are part of every larger one."""
+    train_rows_seed: int = 42
+    """Seed of the order ``train_rows`` takes rows in (another seed, another draw)."""
     validation_split: float = 0.0
     """Fraction of train held out as validation when no validation file is given (0 = none)."""
     split_seed: int = 42
@@ -181,6 +187,11 @@ class TrainConfig:
     fused_optimizer: bool = True
     """AdamW as torch's fused kernel (all parameters in one pass, on CPU and GPU); false = torch's default
     (a multi-tensor loop on GPU, a per-parameter loop on CPU: 15% of a MiniLM step there, docs/performance.md)."""
+    reuse_host_memory: bool = field(default=True, metadata=MAY_CHANGE)
+    """Keep the large host-memory blocks a step frees for the next step (Linux/glibc ``mallopt``: no mmap for
+    large blocks, no heap trimming) instead of getting fresh zeroed pages from the kernel each step. Measured
+    on CPU in docs/performance.md ("Host memory"); the process keeps its peak heap until it exits. No effect
+    on GPU memory, macOS or non-glibc Linux."""
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     """LR decay after warmup."""
     warmup_ratio: float = 0.06
@@ -580,6 +591,8 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "model.lora.dropout": (0, 1, "[)"),
     "data.validation_split": (0, 1, "[)"),
     "data.split_seed": (0, SEED_MAX, "[]"),
+    "data.train_rows": (1, None, "["),
+    "data.train_rows_seed": (0, SEED_MAX, "[]"),
     "data.max_length": (2, None, "["),
     "data.num_proc": (1, None, "["),
     "data.num_workers": (0, None, "["),
@@ -730,6 +743,9 @@ def validate(cfg: Config) -> None:
     if m.lora is not None:
         _check_lora(m, task)
     tables = task.reads_tables
+    if d.train_rows is not None and not tables:
+        raise UserError(f"config: data.train_rows subsets labelled rows; {cfg.task.name} trains on a text corpus "
+                        "(give it less text, or train.max_steps to stop earlier)")
     for split in ("train", "validation", "test"):
         _check_paths(f"data.{split}", getattr(d, split), tables, cfg.task.name)
     if tables:

@@ -28,6 +28,7 @@ from dist_train.errors import RunFailed, UserError
 from dist_train.evaluate import evaluate
 from dist_train.export import export_model, publish
 from dist_train.faults import Faults
+from dist_train.host_memory import reuse_freed_memory
 from dist_train.metrics import MetricsSink, peak_memory_mb, peak_tflops, summary_line
 from dist_train.optim import build_optimizer, build_scheduler
 from dist_train.resume import check_config, check_data, check_engine, find_checkpoint, steps_left
@@ -89,6 +90,8 @@ class Run:
     def build(self) -> None:
         """Engine, the checkpoint to resume, the run folder's lock, data and model."""
         cfg = self.cfg
+        if cfg.train.reuse_host_memory:
+            reuse_freed_memory()  # before any large tensor exists: it affects later allocations only
         self.engine = e = build_engine(cfg)
         self.teardown.callback(e.close)
         self.faults = Faults.from_env(e.rank)
@@ -122,6 +125,7 @@ class Run:
         e.run_on_main(prepare, "preparing the data (tokenizing into the cache)")
         if not e.is_main:
             prepare()
+        self.splits.train = task.train_subset(self.splits.train)  # data.train_rows; the same rows on every rank
         self.lengths = task.lengths(self.splits.train)
         self.fingerprint = task.fingerprint(self.splits.train)
         if self.saved is not None:

@@ -98,6 +98,12 @@ CONFIG = rows(
     Row("split-seed-negative", "train {cfg} data.split_seed=-1", 2, "data.split_seed must be in [0, 4294967295]"),
     Row("split-seed-large", "train {cfg} data.split_seed=4294967296", 2, "numpy's seed range"),
     Row("seed-large", "train {cfg} train.seed=99999999999", 2, "train.seed must be in [0, 4294967295]"),
+    Row("train-rows-0", "train {cfg} data.train_rows=0", 2, "data.train_rows must be >= 1"),
+    Row("train-rows-seed", "train {cfg} data.train_rows_seed=-3", 2, "data.train_rows_seed must be in [0, 4294967295]"),
+    Row("train-rows-more-than-the-file", "train {cfg} data.train_rows=100000", 2,
+        "data.train_rows=100000: data.train has"),
+    Row("train-rows-language-model", "train {cfg} task.name=causal_lm data.train={w}/data/latin1.txt "
+        "data.validation=null data.test=null task.label_names=null data.train_rows=10", 2, "data.train_rows subsets labelled rows"),
     Row("int-beyond-64-bits", "train {cfg} train.max_steps=99999999999999999999", 2, "it must fit in 64 bits"),
     Row("max-nonfinite-steps", "train {cfg} train.max_nonfinite_steps=-1", 2,
         "train.max_nonfinite_steps must be >= 0"),

@@ -242,3 +242,44 @@ def test_encoding_and_delimiter_mistakes_name_the_fix(tmp_path, capfd, name, con
     with pytest.raises(UserError, match=needle):
         read_table(str(path), str(tmp_path / "cache"))
     assert capfd.readouterr().err == ""  # no "Failed to read file ..." from datasets before our line
+
+
+def test_train_rows_are_stratified_nested_and_seeded():
+    """data.train_rows: every label keeps its share (within one row), a smaller subset lies inside every larger
+    one for the same seed, and another seed draws other rows."""
+    from collections import Counter
+
+    from dist_train.data.subset import nested_order
+
+    labels = ["pos"] * 600 + ["neg"] * 300 + ["mixed"] * 100  # 60 / 30 / 10 %
+    order = nested_order(labels, len(labels), seed=7)
+    assert sorted(order) == list(range(1000)) and order == nested_order(labels, 1000, seed=7)
+    for n in (10, 37, 100, 333, 1000):
+        counts = Counter(labels[i] for i in order[:n])
+        for label, share in (("pos", 0.6), ("neg", 0.3), ("mixed", 0.1)):
+            assert abs(counts[label] - share * n) <= 1, (n, counts)
+    assert set(order[:100]) < set(order[:300]) < set(order[:1000])
+    assert len(set(order[:100]) & set(nested_order(labels, 1000, seed=8)[:100])) < 50
+    unstratified = nested_order(None, 1000, seed=7)
+    assert sorted(unstratified) == list(range(1000)) and unstratified != list(range(1000))
+
+
+def test_training_on_train_rows_sees_exactly_those_rows(tmp_path, sentiment_slice):
+    """A run with data.train_rows=40 trains on 40 examples an epoch, stratified as the whole file is."""
+    from collections import Counter
+
+    from conftest import tiny_config
+    from test_train import run
+
+    cfg_path = tiny_config(tmp_path, {"train": sentiment_slice["train"]}, train={"epochs": 2, "micro_batch_size": 8},
+                           logging={"every_steps": 1, "progress_bar": False, "tensorboard": False})
+    cfg, _ = run(cfg_path, "data.train_rows=40", "checkpoint.every_epoch=false")
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in records if r["split"] == "train"][-1]["examples_seen"] == 80  # 2 epochs x 40
+    whole = Counter(line.split("\t")[1] for line in sentiment_slice["train"].read_text().splitlines()[1:])
+    from dist_train.tasks import build_task
+
+    task = build_task(cfg)
+    subset = task.train_subset(task.prepare(task.load_tokenizer()).train)
+    kept = Counter(task.labels.id2label[i] for i in subset["labels"])
+    assert len(subset) == 40 and all(abs(kept[k] - 40 * whole[k] / sum(whole.values())) <= 1 for k in whole)

@@ -72,3 +72,33 @@ def test_gpu_smoke_script_runs_tiny_on_cpu(tmp_path):
     for line in ("causal LM, compile=false: ", "causal LM, compile=true: "):
         assert re.search(re.escape(line) + r"[\d,]+\.\d+ tokens/s, MFU n/a", out), out
     assert re.search(r"MiniLM fine-tuning: [\d,]+\.\d+ examples/s", out), out
+
+
+FAULTS_AFTER_TRAINING = """
+import resource, sys, torch
+from dist_train.config import load_config
+from dist_train.trainer import train
+train(load_config(sys.argv[1], sys.argv[2:]))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(8):  # what a step does with a large tensor: allocate, write, free
+    torch.empty(16 * 2**20).fill_(1.0)  # 64 MiB: above glibc's largest mmap threshold
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tunables")
+def test_training_reuses_freed_host_memory_instead_of_faulting_it_in_again(tmp_path, sentiment_slice):
+    """train.reuse_host_memory (the default): a large block freed is reused with no new page faults; with it off,
+    every allocation of it faults in all its pages again (16,384 per 64 MiB)."""
+    faults = {}
+    for reuse in (True, False):
+        (tmp_path / str(reuse)).mkdir()
+        config = tiny_config(tmp_path / str(reuse), {"train": sentiment_slice["train"]}, train={"max_steps": 2})
+        result = subprocess.run([sys.executable, "-c", FAULTS_AFTER_TRAINING, str(config),
+                                 f"train.reuse_host_memory={reuse}"], capture_output=True, text=True, cwd=ROOT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        faults[reuse] = int(result.stdout.split()[-1])
+    pages = 16 * 2**20 * 4 // 4096
+    assert faults[False] >= 7 * pages, faults  # off: each of the 8 allocations faults in (nearly) every page
+    assert faults[True] <= 2 * pages, faults  # on: at most the first one (if the heap had no room for it yet)

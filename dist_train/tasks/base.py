@@ -100,6 +100,25 @@ class Task(abc.ABC):
         """One more file of the kind ``prepare`` reads, tokenized with what training learned (``what`` names
         it in errors: ``data.test``, ``--data``)."""
 
+    def train_subset(self, ds):
+        """``ds`` (the tokenized training set) cut to ``data.train_rows`` rows, stratified by ``strata``; an
+        error when the set has fewer rows."""
+        d = self.cfg.data
+        if d.train_rows is None:
+            return ds
+        if d.train_rows > len(ds):
+            after = " after data.validation_split" if d.validation_split and not d.validation else ""
+            raise UserError(f"data.train_rows={d.train_rows}: data.train has {len(ds)} rows{after}; give at most "
+                            f"{len(ds)}, or null for all of them")
+        from dist_train.data.subset import take_rows
+
+        return take_rows(ds, d.train_rows, self.strata(ds), d.train_rows_seed)
+
+    def strata(self, ds) -> list | None:
+        """One value per training row that ``data.train_rows`` keeps in proportion (the label); None = a
+        random subset."""
+        return None
+
     @abc.abstractmethod
     def lengths(self, ds) -> list[int]:
         """Tokens per example (batch plans group similar lengths)."""

@@ -29,6 +29,9 @@ class ClassificationTask(SequenceTask):
         ds, self.labels, ids = read_labelled(path, self.cfg.data, self.labels, self.cfg.task.label_names)
         return ds, ids
 
+    def strata(self, ds) -> list:
+        return ds["labels"]  # data.train_rows keeps each label's share
+
     # -- model -----------------------------------------------------------------------------------------
     def head_kwargs(self) -> dict:
         lm = self.labels
