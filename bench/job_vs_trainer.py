@@ -20,6 +20,10 @@ folder. Each arm is a fresh process; its wall time runs from before the process 
                  batches, the plain loop with torch's default AdamW, dev accuracy every eval_every steps with the
                  best state kept in memory, the test pass, save_pretrained
 
+``--profile DIR`` samples every run with py-spy (``--nonblocking``, 20 Hz: the process is never paused) into
+DIR/ARM-ROUND.txt and prints where each arm's time went, by phase (imports, data, model set-up, training steps,
+validation, checkpoints, test, export); the profiled wall times are slightly slower than unprofiled ones.
+
 Rounds alternate the arms (A B C A B C ...); the ratios use the median wall times (``trainer / dist_train``:
 how many times longer Trainer takes; the goal is >= 1.3). Each run also reports its best dev accuracy and
 its test accuracy, so speed cannot hide a loss of accuracy. Results: printed and written to
@@ -98,15 +102,49 @@ def run_arm(a, arm: str, run: int, spec: dict) -> dict:
                *(["--epochs", str(a.epochs)] if a.epochs else []), *(["--tiny"] if a.tiny else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": f"{out}-cache"}
+    if a.profile:
+        Path(a.profile).mkdir(parents=True, exist_ok=True)
+        cmd = ["py-spy", "record", "--nonblocking", "--subprocesses", "--rate", "20", "--format", "raw", "-o",
+               str(Path(a.profile) / f"{arm}-{run}.txt"), "--", *cmd]
     start = time.perf_counter()
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if result.returncode != 0:
         sys.exit(f"{arm} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-    report = dist_train_report(out) if arm == "dist_train" else json.loads(result.stdout.strip().splitlines()[-1])
+    report = dist_train_report(out) if arm == "dist_train" else json.loads(
+        [line for line in result.stdout.strip().splitlines() if line.startswith("{")][-1])
     if not (Path(report["export"]) / "config.json").is_file():
         sys.exit(f"{arm}: no exported model in {report['export']}")
+    if a.profile:
+        report["phases_s"] = phases(Path(a.profile) / f"{arm}-{run}.txt", wall)
     return {"wall_s": wall, **report}
+
+
+# Where a sample's time goes: the first phase (in this order) with a function on the sample's stack. The names
+# are those of dist-train (dist_train/trainer.py's Run phases), transformers' Trainer and the seed's script.
+PHASES = (
+    ("checkpoints", ("CheckpointManager.save", "Trainer._save_checkpoint", "Trainer._load_best_model",
+                     "Trainer._rotate_checkpoints")),
+    ("export", ("export_model", "publish", "Trainer.save_model", "save_pretrained")),
+    ("validation", ("Run.validate", "Trainer._maybe_log_save_evaluate", "seed_arm.<locals>.accuracy")),
+    ("test", ("Run.finish", "Trainer.evaluate")),  # the seed's one test pass counts as validation
+    ("data", ("Run._prepare_data", "Dataset.map", "DatasetDict.map", "load_dataset", "seed_arm.<locals>.tensors")),
+    ("model set-up", ("Run._build_model", "from_pretrained", "Trainer.__init__")),
+    ("training steps", ("Run.step", "Trainer.train", "seed_arm")),
+    ("imports", ("_find_and_load",)),
+)
+
+
+def phases(profile: Path, wall: float) -> dict[str, float]:
+    """Seconds per phase from a py-spy raw profile (samples of the busiest thread, scaled to the wall time)."""
+    counts: dict[str, int] = {}
+    for line in profile.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        names = {frame.split(" (")[0] for frame in stack.split(";")}
+        phase = next((ph for ph, funcs in PHASES if names & set(funcs)), "other")
+        counts[phase] = counts.get(phase, 0) + int(n)
+    total = sum(counts.values()) or 1
+    return {ph: round(wall * n / total, 1) for ph, n in sorted(counts.items(), key=lambda kv: -kv[1])}
 
 
 def dist_train_report(out: Path) -> dict:
@@ -127,6 +165,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="a 2-layer width-64 BERT (smoke test)")
     p.add_argument("--work", default=str(ROOT / "output" / "bench-job-vs-trainer"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "job_vs_trainer.json"))
+    p.add_argument("--profile", metavar="DIR", help="sample every run with py-spy into DIR, print time per phase")
     p.add_argument("--arm", choices=("trainer", "seed"), help=argparse.SUPPRESS)
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -145,6 +184,8 @@ def main() -> None:
             runs[arm].append(x := run_arm(a, arm, r + 1, spec))
             print(f"round {r + 1} {arm:<11} {x['wall_s']:7.1f} s   best dev accuracy {x['best_dev_accuracy']:.4f}   "
                   f"test accuracy {x['test_accuracy']:.4f}", flush=True)
+            if "phases_s" in x:
+                print("    " + ", ".join(f"{ph} {t:.1f} s" for ph, t in x["phases_s"].items()), flush=True)
     median = {arm: statistics.median(x["wall_s"] for x in rs) for arm, rs in runs.items()}
     ratios = {f"{arm}/dist_train": median[arm] / median["dist_train"] for arm in arms
               if arm != "dist_train" and "dist_train" in median}

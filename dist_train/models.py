@@ -45,9 +45,15 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, what: str = "mode
 
     path = resolve_model_path(name, what)
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - a damaged or foreign folder fails in many ways; each is one line
         raise UserError(f"{what}: cannot load a tokenizer from '{path}': {_first_line(exc)}") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # GPT-style tokenizers have no pad token, and batches of unequal rows need one. The attention mask
+        # hides it, and a decoder's classifier (e.g. GPT2ForSequenceClassification) reads the last token that
+        # is not padding: with pad = eos that is the last real token of each row (the common convention).
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _first_line(exc: BaseException) -> str:
@@ -110,6 +116,10 @@ def _build(model_cfg, auto_class, tokenizer, max_length: int, peft_task_type: st
     if model_cfg.pretrained is not None:
         model, fresh = load_pretrained(model_cfg.pretrained, auto_class, model_cfg.trust_remote_code, **head_kwargs)
         _check_fits(model.config, tokenizer, max_length, "model.pretrained")
+        if getattr(model.config, "pad_token_id", 0) is None and tokenizer.pad_token_id is not None:
+            # A decoder's sequence classifier finds each row's last real token through pad_token_id; without
+            # it transformers refuses batches of more than one row.
+            model.config.pad_token_id = tokenizer.pad_token_id
         if model_cfg.lora is not None:
             from dist_train.lora import add_adapters
 

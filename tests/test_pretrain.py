@@ -359,3 +359,47 @@ def test_generate_continues_prompts_deterministically(corpus_dir, tmp_path):
     assert sampled[0] == sampled[1] and sampled[0] != sampled[2] and len(sampled[0].splitlines()) == 2
     assert_user_error(run_cli("predict", final, "hello"), "use dist-train generate")
     assert_user_error(run_cli("generate", final, prompt, "--top-p", "0"), "--top-p")
+
+
+def test_own_causal_lm_fine_tunes_as_a_classifier_reading_each_rows_last_token(corpus_dir, tmp_path):
+    """A GPT-2 dist-train pretrained (its BPE tokenizer: no pad token of its own) fine-tunes as a sentiment
+    classifier through transformers' GPT2ForSequenceClassification: the backbone is the pretrained one, pad =
+    eos, and a row's prediction is the same alone or padded in a batch (the head reads its last real token)."""
+    (tmp_path / "lm").mkdir()
+    cfg = load_config(lm_config(tmp_path / "lm", corpus_dir, "causal_lm", train={"max_steps": 4}))
+    train(cfg)
+    lm = tmp_path / "lm" / "out" / "final"
+    # A folder as GPT-2 ships: neither the tokenizer nor the model config names a pad token.
+    tok_cfg = json.loads((lm / "tokenizer_config.json").read_text())
+    tok_cfg.pop("pad_token", None)
+    (lm / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    model_cfg = json.loads((lm / "config.json").read_text())
+    model_cfg["pad_token_id"] = None
+    (lm / "config.json").write_text(json.dumps(model_cfg))
+    data = {split: tmp_path / f"{split}.tsv" for split in ("train", "dev")}
+    for split, n in (("train", 64), ("dev", 16)):
+        data[split].write_text("".join((SENTIMENT / f"{split}.tsv").read_text().splitlines(keepends=True)[:n + 1]))
+    clf = {"output_dir": str(tmp_path / "clf"), "model": {"pretrained": str(lm)},
+           "data": {"train": str(data["train"]), "validation": str(data["dev"]), "max_length": 32,
+                    "cache_dir": str(tmp_path / "cache")},
+           "train": {"max_steps": 4, "micro_batch_size": 8, "lr": 1e-3},
+           "logging": {"every_steps": 2, "progress_bar": False, "tensorboard": False}}
+    (tmp_path / "clf.yaml").write_text(yaml.safe_dump(clf))
+    reports = train(load_config(tmp_path / "clf.yaml"))
+    assert 0 <= reports["validation"]["accuracy"] <= 1
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    final = tmp_path / "clf" / "final"
+    model = AutoModelForSequenceClassification.from_pretrained(final).eval()
+    tok = AutoTokenizer.from_pretrained(final)
+    assert type(model).__name__ == "GPT2ForSequenceClassification"
+    assert tok.pad_token == tok.eos_token and model.config.pad_token_id == tok.eos_token_id
+    pretrained, tuned = load_file(str(lm / "model.safetensors")), load_file(str(final / "model.safetensors"))
+    wpe = "transformer.wpe.weight"  # started from the LM's weights: 4 small steps moved them a little
+    assert 0 < (tuned[wpe] - pretrained[wpe]).abs().max().item() < 0.05
+    rows = ["a fine film", "dull, far too long and badly acted from start to end"]
+    with torch.no_grad():
+        batch = model(**tok(rows, padding=True, return_tensors="pt")).logits
+        alone = torch.cat([model(**tok([r], return_tensors="pt")).logits for r in rows])
+    assert torch.allclose(batch, alone, atol=1e-5), (batch, alone)
