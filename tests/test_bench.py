@@ -38,8 +38,8 @@ def test_pretrain_overhead_bench_runs_on_a_tiny_setting(tmp_path):
 
 
 def test_finetune_vs_hf_bench_runs_every_arm_on_a_tiny_setting(tmp_path):
-    """dist-train ([CLS]-only last layer on / off), Trainer (grouping off/on), the seed's loop and the bare
-    loop all train the same 96 rows."""
+    """dist-train ([CLS]-only last layer on / off; host-memory reuse off), Trainer (grouping off/on), the seed's
+    loop and the bare loop all train the same 96 rows."""
     out = tmp_path / "finetune.json"
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     result = subprocess.run([sys.executable, "-m", "bench", "finetune_vs_hf", "--tiny", "--examples", "96",
@@ -47,8 +47,10 @@ def test_finetune_vs_hf_bench_runs_every_arm_on_a_tiny_setting(tmp_path):
                              "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    arms = ("dist_train", "dist_train_stock", "trainer", "trainer_grouped", "seed", "bare")
+    arms = ("dist_train", "dist_train_stock", "dist_train_malloc", "trainer", "trainer_grouped", "seed", "bare")
     assert set(data["runs"]) == set(arms)
+    # The allocator setting changes where memory comes from, not the arithmetic: the same model comes out.
+    assert data["runs"]["dist_train_malloc"][0]["dev_accuracy"] == data["runs"]["dist_train"][0]["dev_accuracy"]
     for arm in arms:
         run = data["runs"][arm][0]
         assert run["steps"] == 3 and run["examples_per_s"] > 0, (arm, run)
