@@ -154,6 +154,13 @@ class TaskConfig:
     """masked_lm: select whole words (all their word pieces) instead of single tokens."""
     threshold: float = 0.5
     """multi_label: a label is predicted when its probability (sigmoid) is above this; in (0, 1)."""
+    pooling: Literal["cls", "mean", "auto"] = "cls"
+    """classification, multi_label, regression: what the head reads. ``cls``: the model's own head (BERT: the
+    [CLS] position through its pooler), a stock transformers export. ``mean``: the mean of the last layer over
+    the real tokens, then the classifier (BERT-family heads; not with LoRA), as sentence-transformers models
+    such as all-MiniLM-L6-v2 were trained; dist-train's evaluate / predict / deploy rebuild it from the
+    export, a plain transformers ``pipeline`` cannot. ``auto``: the model's ``1_Pooling/config.json``
+    (sentence-transformers) decides, else cls (docs/configuration.md#pooling)."""
     target_range: Optional[list[float]] = None
     """regression: ``[low, high]``, the range of the targets (e.g. ``[0, 5]`` for STS-B). The model learns
     them scaled to [0, 1]; reports and predictions are in the data's units again. A target outside the range
@@ -704,6 +711,24 @@ def _check_lora(m: ModelConfig, task) -> None:
                         "or null for the model type's default")
 
 
+def _check_pooling(cfg: Config, task) -> None:
+    pooling = cfg.task.pooling
+    if pooling == "cls":
+        return
+    if not task.poolable:
+        from dist_train.tasks import TASKS, task_class
+
+        able = [name for name in TASKS if task_class(name).poolable]
+        raise UserError(f"config: task.pooling={pooling} is for tasks with one head over the text "
+                        f"({', '.join(able)}); {cfg.task.name} has none: remove task.pooling")
+    if pooling == "mean" and cfg.model.lora is not None:
+        raise UserError("config: task.pooling=mean does not work with model.lora (peft wraps the classifier's "
+                        "forward); use task.pooling=cls or full fine-tuning (model.lora=null)")
+    if pooling == "mean" and cfg.model.cls_only_last_layer is True:
+        raise UserError("config: model.cls_only_last_layer=true needs the [CLS] head, but task.pooling=mean reads "
+                        "every position; set model.cls_only_last_layer=auto")
+
+
 def validate(cfg: Config) -> None:
     """Every check that needs no file and no model: ranges, and fields that must agree. Each error names
     the key, the value given and the fix."""
@@ -742,6 +767,7 @@ def validate(cfg: Config) -> None:
     task.check_config(cfg)
     if m.lora is not None:
         _check_lora(m, task)
+    _check_pooling(cfg, task)
     tables = task.reads_tables
     if d.train_rows is not None and not tables:
         raise UserError(f"config: data.train_rows subsets labelled rows; {cfg.task.name} trains on a text corpus "

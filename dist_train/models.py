@@ -96,17 +96,23 @@ def load_pretrained(name: str, auto_class, trust_remote_code: bool = False, **kw
 
 
 def build_model(model_cfg, auto_class, tokenizer, max_length: int, peft_task_type: str | None = None,
-                **head_kwargs):
+                pooling: str = "cls", **head_kwargs):
     """Build ``auto_class`` (e.g. AutoModelForSequenceClassification) from a pretrained folder or a config.
 
     From scratch, the vocabulary size and the pad/bos/eos ids come from the tokenizer unless the config
     sets them. With ``model.lora`` the pretrained model comes back as a peft LoRA model of
-    ``peft_task_type`` (the task's): only the adapters and the fresh head train.
+    ``peft_task_type`` (the task's): only the adapters and the fresh head train. ``pooling`` (``cls`` or
+    ``mean``, resolved from ``task.pooling``): how a sequence head sees the text (dist_train/pooling.py).
     """
     from dist_train import cls_only
+    from dist_train import pooling as poolings
 
     model = _build(model_cfg, auto_class, tokenizer, max_length, peft_task_type, **head_kwargs)
-    cls_only.apply(model, model_cfg.cls_only_last_layer)
+    poolings.apply(model, pooling)
+    if pooling == "mean" and model_cfg.cls_only_last_layer is True:
+        raise UserError("model.cls_only_last_layer=true needs the [CLS] head, but task.pooling is mean (it reads "
+                        "every position of the last layer); set model.cls_only_last_layer=auto")
+    cls_only.apply(model, model_cfg.cls_only_last_layer if pooling == "cls" else False)
     return model
 
 

@@ -164,6 +164,16 @@ MODELS = rows(
         "model.cls_only_last_layer=true: BertForMaskedLM is not a BERT-family sequence classifier"),
     Row("cls-only-required-with-lora", "train {cfg} model.config=null model.tokenizer=null model.pretrained={minilm} "
         "model.lora.r=4 model.cls_only_last_layer=true", 2, "does not work with model.lora"),
+    Row("pooling-not-a-setting", "train {cfg} task.pooling=max", 2, "'task.pooling' expects 'cls' | 'mean' | 'auto', got 'max'"),
+    Row("pooling-for-an-lm", "train {cfg} task.name=masked_lm task.pooling=mean data.train={w}/data/corpus.txt "
+        "data.validation=null data.test=null task.label_names=null", 2, "task.pooling=mean is for tasks with one head"),
+    Row("pooling-mean-with-lora", "train {cfg} model.config=null model.tokenizer=null model.pretrained={minilm} "
+        "model.lora.r=4 task.pooling=mean", 2, "task.pooling=mean does not work with model.lora"),
+    Row("pooling-mean-with-cls-only", "train {cfg} task.pooling=mean model.cls_only_last_layer=true", 2,
+        "model.cls_only_last_layer=true needs the [CLS] head"),
+    Row("pooling-mean-without-a-linear-head", "train {cfg} model.config.model_type=gpt2 model.config.n_layer=1 "
+        "model.config.n_embd=32 model.config.n_head=2 task.pooling=mean", 2,
+        "task.pooling=mean: GPT2ForSequenceClassification is not a classifier with one linear layer"),
 )
 
 DATA = rows(

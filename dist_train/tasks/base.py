@@ -217,6 +217,8 @@ class Task(abc.ABC):
     def restore(self, folder: str) -> None:
         """Take back what training learned and the export saved (label maps); nothing for most tasks."""
 
+    poolable: ClassVar[bool] = False
+    """Whether ``task.pooling`` applies (one head over the whole text)."""
     can_predict: ClassVar[bool] = False
     """Whether ``dist-train predict`` applies (else ``predict_hint`` says what to use instead)."""
     predict_hint: ClassVar[str] = ""

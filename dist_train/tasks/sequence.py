@@ -16,6 +16,8 @@ from dist_train.data.fingerprint import data_fingerprint
 from dist_train.data.sources import check_texts, read_table, require_columns
 from dist_train.data.tokenize import model_view, numbered, tokenize_table
 from dist_train.errors import UserError
+from dist_train.models import build_model
+from dist_train.pooling import resolve as resolve_pooling
 from dist_train.tasks.base import Splits, Task
 
 
@@ -34,6 +36,7 @@ def read_rows(path: str, data_cfg):
 
 class SequenceTask(Task):
     can_predict = True
+    poolable = True
     peft_task_type = "SEQ_CLS"  # one head over the sequence (classification, multi-label, regression)
     numbered: bool = False
     """Give every example its position in its split (an ``index`` column, carried in batches): for
@@ -108,7 +111,16 @@ class SequenceTask(Task):
     def export_meta(self) -> dict:
         d = self.cfg.data
         return {**super().export_meta(), "text_column": d.text_column, "text_pair_column": d.text_pair_column,
-                "label_column": d.label_column}
+                "label_column": d.label_column, "pooling": self.pooling()}
+
+    # -- model -----------------------------------------------------------------------------------------
+    def pooling(self) -> str:
+        """``task.pooling`` resolved to ``cls`` or ``mean`` for this model."""
+        return resolve_pooling(self.cfg.task.pooling, self.cfg.model.pretrained)
+
+    def build_model(self):
+        return build_model(self.cfg.model, self.auto_model(), self.tokenizer, self.cfg.data.max_length,
+                           peft_task_type=self.peft_task_type, pooling=self.pooling(), **self.head_kwargs())
 
     def logits(self, engine, texts: list[str], pairs: list[str] | None, batch_size: int):
         """The model's outputs (float32, on CPU) for ``texts`` (and ``pairs``), one batch at a time."""
