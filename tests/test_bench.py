@@ -101,3 +101,21 @@ def test_job_vs_trainer_bench_runs_the_whole_job_in_every_arm(tmp_path):
         assert round(run["best_dev_accuracy"] * 40) == run["best_dev_accuracy"] * 40
     assert set(data["ratios"]) == {"trainer/dist_train", "seed/dist_train"}
     assert "(goal >= 1.3)" in result.stdout
+
+
+def test_transfer_curve_recipe_and_picture(tmp_path):
+    """The learning-curve recipe gives small sets enough steps, and the picture is a PNG of the set size."""
+    import importlib.util
+
+    import matplotlib.image
+
+    spec = importlib.util.spec_from_file_location("transfer", ROOT / "bench" / "transfer.py")
+    transfer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(transfer)
+    assert [transfer.curve_epochs(n, 16, 150) for n in (100, 300, 1000, 3000, 8568)] == [22, 8, 3, 1, 1]
+    sizes = {"100": {"mean": 0.6, "std": 0.05}, "1000": {"mean": 0.7, "std": 0.02}}
+    result = {"table": {"scratch": {"label": "from scratch", "sizes": sizes},
+                        "mlm": {"label": "pretrained", "sizes": {k: {"mean": v["mean"] + 0.05, "std": 0.01}
+                                                                 for k, v in sizes.items()}}}}
+    png = transfer.draw_curve(result, tmp_path / "curve.png")
+    assert matplotlib.image.imread(png).shape[:2] == (600, 900)
