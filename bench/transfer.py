@@ -174,7 +174,7 @@ def curve_epochs(n: int, batch: int, min_steps: int) -> int:
 
 def curve_run(work: Path, arm: str, model_args: list[str], n: int, draw: int, lr: float, a) -> dict:
     """One fine-tuning on the first ``n`` rows of draw ``draw`` (fine-tuning seed = draw); cached by name."""
-    name = f"{arm}-n{n}-r{draw}-lr{lr:g}"
+    name = f"{arm}-n{n}-r{draw}-lr{lr:g}-b{a.batch}-s{a.min_steps}-e{a.evals}"  # a cached run is this recipe's
     out, cached = work / "ft" / name, work / "ft" / f"{name}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
@@ -247,8 +247,9 @@ def curve(a) -> dict:
                      a.parallel)
     lr = {arm: max((r for r in tuning if r["arm"] == arm), key=lambda r: r["dev_accuracy"])["lr"] for arm in a.arms}
     print("lr per arm (best dev accuracy at", a.tune_size, "labels):", lr, flush=True)
+    runs_at = {n: a.large_runs if n >= a.large_from else a.runs for n in a.sizes}
     jobs = [(work, arm, models[arm], n, draw, lr[arm], a) for n in sorted(a.sizes, reverse=True) for arm in a.arms
-            for draw in range(1, a.runs + 1)]
+            for draw in range(1, runs_at[n] + 1)]
     runs = run_all(jobs, a.parallel)
     table = {}
     for arm in a.arms:
@@ -263,7 +264,7 @@ def curve(a) -> dict:
     result = {"experiment": "curve", "wall_minutes": wall / 60, "settings": vars(a) | {"small_bert": SMALL_BERT,
               "small_gpt": SMALL_GPT}, "pretraining": pretraining, "lr_tuning": tuning, "table": table,
               "recipe": {str(n): {"epochs": curve_epochs(n, a.batch, a.min_steps)} for n in a.sizes}}
-    print(f"\ntest accuracy (mean +- std over {a.runs} runs: draw r and fine-tuning seed r), "
+    print(f"\ntest accuracy (mean +- std over {runs_at} runs per size: draw r and fine-tuning seed r), "
           f"recipe: batch {a.batch}, >= {a.min_steps} steps, epochs {[curve_epochs(n, a.batch, a.min_steps) for n in a.sizes]}")
     print(f"{'arm':<13} {'lr':>7} " + " ".join(f"{n:>13,}" for n in a.sizes))
     for arm, row in table.items():
@@ -326,12 +327,16 @@ def main() -> None:
     c.add_argument("--arms", nargs="+", default=list(CURVE_ARMS), choices=list(CURVE_ARMS))
     c.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000, 3000, 8568])
     c.add_argument("--runs", type=int, default=3, help="runs per point: run r uses subset draw r and fine-tuning seed r")
+    c.add_argument("--large-runs", type=int, default=2,
+                   help="runs per point from --large-from labels on (their spread is the smallest; time)")
+    c.add_argument("--large-from", type=int, default=3000)
     c.add_argument("--batch", type=int, default=16, help="fine-tuning batch")
-    c.add_argument("--min-steps", type=int, default=150, help="fine-tuning steps at least (small sets: more epochs)")
-    c.add_argument("--evals", type=int, default=3, help="dev evaluations per fine-tuning (the best is tested)")
+    c.add_argument("--min-steps", type=int, default=100, help="fine-tuning steps at least (small sets: more epochs)")
+    c.add_argument("--evals", type=int, default=1,
+                   help="dev evaluations per fine-tuning (the best is tested; 1: the end of training only)")
     c.add_argument("--tune-size", type=int, default=300, help="labelled rows at which each arm's lr is picked on dev")
-    c.add_argument("--small-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
-    c.add_argument("--minilm-lrs", type=float, nargs="+", default=[5e-5, 1e-4, 2e-4])
+    c.add_argument("--small-lrs", type=float, nargs="+", default=[3e-4, 1e-3])
+    c.add_argument("--minilm-lrs", type=float, nargs="+", default=[5e-5, 1e-4])
     c.add_argument("--mlm-steps", type=int, default=1200, help="masked-LM pretraining steps (~10 min here)")
     c.add_argument("--clm-steps", type=int, default=1200, help="causal-LM pretraining steps")
     c.add_argument("--pretrain-lr", type=float, default=1e-3)
