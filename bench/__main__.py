@@ -3,6 +3,7 @@
     python -m bench                          # list them
     python -m bench pretrain_overhead --rounds 3
     python -m bench transfer pretrain --steps 2400
+    python -m bench transfer curve           # few-label learning curves of every arm, with their picture
     python -m bench anchor_sts               # configs/sts_b.yaml as a plain transformers loop
     python -m bench predict                  # predict: pipeline, dist-train in PyTorch, ONNX fp32 and int8
 """

@@ -298,7 +298,7 @@ def draw_curve(result: dict, out: Path) -> Path:
     band_panel(ax, sizes, curves, "labelled training sentences (log scale)", "test accuracy (data/sentiment)",
                log_x=True)
     ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
-    ax.set_title("Few labels: pretraining against training from scratch (mean +- std)")
+    ax.set_title("Few labels: test accuracy against labelled sentences (mean ± one std over runs)")
     return save(fig, out)
 
 
@@ -346,8 +346,9 @@ def main() -> None:
     c.add_argument("--pretrain-only", action="store_true", help="stop after the pretraining runs")
     c.add_argument("--parallel", type=int, default=2, help="fine-tunings at once")
     c.add_argument("--tag", default="")
-    for q in (m, b, c):
+    for q in (m, b):
         q.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    for q in (m, b, c):
         q.add_argument("--work", default=str(ROOT / "output" / "transfer"))
         q.add_argument("--out", help="results JSON (default bench/results/transfer_EXPERIMENT.json)")
     a = p.parse_args()
