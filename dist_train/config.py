@@ -160,7 +160,7 @@ class TaskConfig:
     the real tokens, then the classifier (BERT-family heads; not with LoRA), as sentence-transformers models
     such as all-MiniLM-L6-v2 were trained; dist-train's evaluate / predict / deploy rebuild it from the
     export, a plain transformers ``pipeline`` cannot. ``auto``: the model's ``1_Pooling/config.json``
-    (sentence-transformers) decides, else cls (docs/configuration.md#pooling)."""
+    (sentence-transformers) decides, else cls (docs/configuration.md#models)."""
     target_range: Optional[list[float]] = None
     """regression: ``[low, high]``, the range of the targets (e.g. ``[0, 5]`` for STS-B). The model learns
     them scaled to [0, 1]; reports and predictions are in the data's units again. A target outside the range

@@ -21,9 +21,6 @@ from torch import nn
 
 from dist_train.errors import UserError
 
-POOLINGS = ("cls", "mean", "auto")
-
-
 def resolve(setting: str, pretrained: str | None) -> str:
     """``cls`` or ``mean`` for ``task.pooling``: ``auto`` reads the model folder's sentence-transformers
     pooling config (mean when it pools mean tokens), and is ``cls`` without one."""

@@ -150,9 +150,14 @@ class Task(abc.ABC):
         """Config keys of the task head (number of labels, their names, problem type)."""
         return {}
 
+    def pooling(self) -> str:
+        """``task.pooling`` resolved to ``cls`` or ``mean`` for this model (tasks without one head over the
+        text: ``cls``, the model as it is)."""
+        return "cls"
+
     def build_model(self):
         return build_model(self.cfg.model, self.auto_model(), self.tokenizer, self.cfg.data.max_length,
-                           peft_task_type=self.peft_task_type, **self.head_kwargs())
+                           peft_task_type=self.peft_task_type, pooling=self.pooling(), **self.head_kwargs())
 
     # -- the step ----------------------------------------------------------------------------------------
     def inputs(self, batch: dict) -> dict:

@@ -16,7 +16,6 @@ from dist_train.data.fingerprint import data_fingerprint
 from dist_train.data.sources import check_texts, read_table, require_columns
 from dist_train.data.tokenize import model_view, numbered, tokenize_table
 from dist_train.errors import UserError
-from dist_train.models import build_model
 from dist_train.pooling import resolve as resolve_pooling
 from dist_train.tasks.base import Splits, Task
 
@@ -113,14 +112,8 @@ class SequenceTask(Task):
         return {**super().export_meta(), "text_column": d.text_column, "text_pair_column": d.text_pair_column,
                 "label_column": d.label_column, "pooling": self.pooling()}
 
-    # -- model -----------------------------------------------------------------------------------------
     def pooling(self) -> str:
-        """``task.pooling`` resolved to ``cls`` or ``mean`` for this model."""
         return resolve_pooling(self.cfg.task.pooling, self.cfg.model.pretrained)
-
-    def build_model(self):
-        return build_model(self.cfg.model, self.auto_model(), self.tokenizer, self.cfg.data.max_length,
-                           peft_task_type=self.peft_task_type, pooling=self.pooling(), **self.head_kwargs())
 
     def logits(self, engine, texts: list[str], pairs: list[str] | None, batch_size: int):
         """The model's outputs (float32, on CPU) for ``texts`` (and ``pairs``), one batch at a time."""
