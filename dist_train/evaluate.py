@@ -9,8 +9,9 @@ from dist_train.data.sampler import eval_plan
 
 
 @torch.no_grad()
-def evaluate(engine, task, ds, batch_size: int) -> dict:
-    """Run the model over ``ds`` (this rank's share) and return the task's report, reduced over ranks."""
+def evaluate(engine, task, ds, batch_size: int, what: str = "test") -> dict:
+    """Run the model over ``ds`` (this rank's share) and return the task's report, reduced over ranks, with
+    what the task adds (``generation_report``: scores of generated text). ``what`` names the split."""
     plan = eval_plan(task.lengths(ds), batch_size, engine.rank, engine.world_size)
     evaluator = task.evaluator(engine.device)
     was_training = engine.model.training
@@ -21,4 +22,5 @@ def evaluate(engine, task, ds, batch_size: int) -> dict:
         if weight:  # fillers only keep ranks in step (sharded engines gather parameters in forward)
             evaluator.update(outputs, batch)
     engine.train(was_training)
-    return evaluator.compute(engine.all_reduce_sum)
+    report = evaluator.compute(engine.all_reduce_sum)
+    return {**report, **task.generation_report(engine, ds, what, batch_size)}

@@ -329,7 +329,7 @@ class Run:
             return
         self.check_finite()
         s.validated_at = s.step
-        report = evaluate(self.engine, self.task, self.splits.validation, self.t.eval_batch_size)
+        report = evaluate(self.engine, self.task, self.splits.validation, self.t.eval_batch_size, "validation")
         self.reports["validation"] = report
         if self.sink:
             self.sink.write("validation", s.step, {"epoch": s.epoch_progress(self.plan_len), **report})
@@ -397,6 +397,7 @@ class Run:
             self.reports["test"] = report = evaluate(e, self.task, self.splits.test, self.t.eval_batch_size)
             if e.is_main:
                 self.run_dir.write("eval_report.json", json.dumps(report, indent=2))  # small: no wait needed
+                self.task.save_eval_outputs(self.run_dir.out / "test_outputs.jsonl")
                 self.sink.write("test", s.step, report)
                 print(summary_line("test", report, self.task.summary), flush=True)
         if e.is_main:

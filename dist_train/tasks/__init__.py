@@ -15,6 +15,7 @@ TASKS = {
     "causal_lm": "dist_train.tasks.language_modeling:CausalLMTask",
     "masked_lm": "dist_train.tasks.language_modeling:MaskedLMTask",
     "token_classification": "dist_train.tasks.token_classification:TokenClassificationTask",
+    "text_to_text": "dist_train.tasks.text_to_text:TextToTextTask",
 }
 
 

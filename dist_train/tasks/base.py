@@ -229,6 +229,17 @@ class Task(abc.ABC):
     predict_hint: ClassVar[str] = ""
     can_generate: ClassVar[bool] = False
     """Whether ``dist-train generate`` applies (text generation: causal language models)."""
+    generates_text: ClassVar[bool] = False
+    """Whether evaluation scores generated text (the ``task.*`` generation fields apply: text_to_text)."""
+
+    def generation_report(self, engine, ds, what: str, batch_size: int) -> dict:
+        """Metrics an evaluation adds beyond the evaluator's (scores of generated text), the same on every
+        rank; ``what`` is the split (``validation``, ``test``, ``--data``). Nothing for most tasks."""
+        return {}
+
+    def save_eval_outputs(self, path: Path) -> None:
+        """Write what the last evaluation produced besides its report (generated texts) to ``path``; nothing
+        for most tasks."""
 
     def generate(self, engine, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float,
                  seed: int, batch_size: int) -> list[str]:
