@@ -84,6 +84,13 @@ class ModelConfig:
     The same logits, loss and gradients for ~14% fewer FLOPs in MiniLM's 6 layers (1.12x measured); the model
     and its exports stay stock. ``auto``: wherever it applies (not with LoRA, token or LM tasks); ``true``: required; ``false``: off
     (docs/performance.md)."""
+    labelled_logits: Union[bool, Literal["auto"]] = field(default="auto", metadata=MAY_CHANGE)
+    """Language-model losses (causal_lm): project only the positions that have a target onto the vocabulary
+    (``gather``), and where the model returns its output layer's result untouched (GPT-2, Llama, Gemma 3,
+    Qwen, Mistral...) compute the cross-entropy chunk by chunk inside the output layer so the full logits
+    tensor never exists (``chunked``). The same loss and gradients, much less memory and time with a large
+    vocabulary; the model and its exports stay stock. ``auto``: wherever it applies (chunked, else gather);
+    ``true``: required; ``false``: off (full logits)."""
 
 
 @dataclass
@@ -107,6 +114,8 @@ class DataConfig:
     column. (JSON lines hold lists in ``text_column`` / ``label_column`` instead.)"""
     label_column: str = "label"
     """Column holding the label (ints or strings; regression: a number)."""
+    target_column: str = "target"
+    """text_to_text: column holding each row's target text (``text_column`` holds the source)."""
     label_separator: Optional[str] = None
     """multi_label in a .tsv/.csv: what separates a row's labels in its ``label_column`` cell (e.g. ``|`` for
     ``sports|politics``; an empty cell = no labels). JSON lines and Parquet hold a list per row instead."""
@@ -142,7 +151,9 @@ class TaskConfig:
     """What to train, one of the tasks in ``dist_train/tasks`` (their registry): ``classification`` (one label
     per text or text pair), ``causal_lm`` (next-token prediction, GPT-style) or ``masked_lm`` (BERT-style
     masked tokens); ``multi_label``: any number of labels per text; ``regression``: one number per text or
-    text pair; ``token_classification``: one tag per word, e.g. named entities (docs/tasks.md)."""
+    text pair; ``token_classification``: one tag per word, e.g. named entities; ``text_to_text``: a target text
+    per source text (translation, summaries, answers) with a decoder-only or encoder-decoder model
+    (docs/tasks.md)."""
     label_names: Optional[list[str]] = None
     """Display names for the labels, in sorted order of the label values (e.g. ``[negative, positive]`` for 0/1)."""
     label_all_tokens: bool = False
@@ -161,6 +172,34 @@ class TaskConfig:
     such as all-MiniLM-L6-v2 were trained; dist-train's evaluate / predict / deploy rebuild it from the
     export, a plain transformers ``pipeline`` cannot. ``auto``: the model's ``1_Pooling/config.json``
     (sentence-transformers) decides, else cls (docs/configuration.md#models)."""
+    template: Optional[str] = None
+    """text_to_text: the prompt built from each row's source, with ``{source}`` where it goes, e.g.
+    ``"Translate English to French: {source}\nFrench:"``; null = the source as it is (decoder-only models: the
+    source and a newline). Decoder-only models learn only what follows the prompt: the target and an
+    end-of-text token."""
+    chat_template: bool = False
+    """text_to_text: put the prompt into the tokenizer's chat template as the user's turn (instruction-tuned
+    models); the target is the answer. An error for a tokenizer without one."""
+    few_shot: int = field(default=0, metadata=MAY_CHANGE)
+    """text_to_text: place this many training pairs (drawn once with ``data.split_seed``, the same for every
+    prompt) before each prompt when generating: a k-shot baseline (``dist-train zero-shot``). Training
+    examples never carry them."""
+    generation_metrics: list[Literal["bleu", "chrf", "rouge", "squad"]] = field(default_factory=list,
+                                                                                 metadata=MAY_CHANGE)
+    """text_to_text: scores of generated text at validation and test: ``bleu`` and ``chrf`` (sacrebleu, corpus
+    level: translation), ``rouge`` (ROUGE-1/2/L F1, rouge-score: summaries), ``squad`` (exact match and token
+    F1 with SQuAD's normalisation: answers); all on a 0-100 scale, each usable as ``checkpoint.metric``.
+    Empty = loss and perplexity only."""
+    validation_generations: int = field(default=100, metadata=MAY_CHANGE)
+    """text_to_text: generate for the first N validation examples at every validation (the test split and
+    ``dist-train eval`` generate for all); 0 = loss only."""
+    max_new_tokens: int = field(default=64, metadata=MAY_CHANGE)
+    """text_to_text: the most tokens generated per example."""
+    num_beams: int = field(default=1, metadata=MAY_CHANGE)
+    """text_to_text: 1 = greedy decoding; more = beam search with this many beams."""
+    stop_at_newline: bool = field(default=True, metadata=MAY_CHANGE)
+    """text_to_text: keep a generated text up to its first line break (a base model goes on after its answer;
+    one-line targets end there). False for targets of several lines."""
     target_range: Optional[list[float]] = None
     """regression: ``[low, high]``, the range of the targets (e.g. ``[0, 5]`` for STS-B). The model learns
     them scaled to [0, 1]; reports and predictions are in the data's units again. A target outside the range
@@ -605,6 +644,10 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "data.num_workers": (0, None, "["),
     "task.mlm_probability": (0, 1, "()"),
     "task.threshold": (0, 1, "()"),
+    "task.few_shot": (0, None, "["),
+    "task.validation_generations": (0, None, "["),
+    "task.max_new_tokens": (1, None, "["),
+    "task.num_beams": (1, None, "["),
     "train.seed": (0, SEED_MAX, "[]"),
     "train.epochs": (0, None, "["),
     "train.max_steps": (0, None, "["),
@@ -729,6 +772,18 @@ def _check_pooling(cfg: Config, task) -> None:
                         "every position; set model.cls_only_last_layer=auto")
 
 
+TEXT_TO_TEXT_FIELDS = ("template", "chat_template", "few_shot", "generation_metrics", "validation_generations",
+                       "max_new_tokens", "num_beams", "stop_at_newline")
+
+
+def _check_unused(section, names: tuple[str, ...], task: str, owner: str) -> None:
+    """Fields of ``names`` that only task ``owner`` reads must keep their defaults under another task."""
+    defaults = type(section)()
+    for name in names:
+        if getattr(section, name) != getattr(defaults, name):
+            raise UserError(f"config: task.{name} is for task.name={owner}; {task} does not use it: remove it")
+
+
 def validate(cfg: Config) -> None:
     """Every check that needs no file and no model: ranges, and fields that must agree. Each error names
     the key, the value given and the fix."""
@@ -764,6 +819,8 @@ def validate(cfg: Config) -> None:
     if cfg.task.name not in TASKS:
         raise UserError(f"config: task.name '{cfg.task.name}' is not a task; {_suggest(cfg.task.name, list(TASKS))}")
     task = task_class(cfg.task.name)
+    if not task.generates_text:
+        _check_unused(cfg.task, TEXT_TO_TEXT_FIELDS, cfg.task.name, "text_to_text")
     task.check_config(cfg)
     if m.lora is not None:
         _check_lora(m, task)

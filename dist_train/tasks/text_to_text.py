@@ -428,25 +428,6 @@ class TextToTextCollator:
 
 
 def causal_loss(model, model_cfg, shift: int):
-    try:
-        from dist_train.causal_loss import CausalLMLoss
-    except ImportError:  # TEMPORARY until causal_loss lands
-        return _PlainLoss(shift)
+    from dist_train.causal_loss import CausalLMLoss
+
     return CausalLMLoss(model, model_cfg.labelled_logits, shift=shift)
-
-
-class _PlainLoss:
-    def __init__(self, shift):
-        self.shift = shift
-
-    def arm(self, labels):
-        pass
-
-    def __call__(self, outputs, labels):
-        import torch.nn.functional as F
-
-        logits = outputs.logits
-        if self.shift:
-            labels = F.pad(labels[:, 1:], (0, 1), value=-100)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100,
-                               reduction="sum")
