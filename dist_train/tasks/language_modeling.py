@@ -142,17 +142,30 @@ class CausalLMTask(LanguageModelTask):
     def collator(self, epoch: int):
         return CausalLMCollator()
 
-    @staticmethod
-    def inputs(batch: dict) -> dict:
+    def build_model(self):
+        from dist_train.causal_loss import CausalLMLoss
+
+        model = super().build_model()
+        # model.labelled_logits: the output layer projects only the positions with a target, and where the
+        # model allows it computes the loss chunk by chunk without the full logits (dist_train/causal_loss.py).
+        self.lm_loss = CausalLMLoss(model, self.cfg.model.labelled_logits, shift=1)
+        return model
+
+    def inputs(self, batch: dict) -> dict:
+        loss = getattr(self, "lm_loss", None)
+        if loss is not None:
+            loss.arm(batch["labels"])  # this batch's forward projects its labelled positions only
         return {"input_ids": batch["input_ids"]}
 
     @staticmethod
     def count(batch: dict) -> torch.Tensor:
         return Task.count_of(batch["labels"][:, 1:])
 
-    @staticmethod
-    def loss_sum(outputs, batch: dict) -> torch.Tensor:
+    def loss_sum(self, outputs, batch: dict) -> torch.Tensor:
         """Summed next-token cross-entropy: position t predicts token t+1 (the last position has no target)."""
+        loss = getattr(self, "lm_loss", None)
+        if loss is not None:
+            return loss(outputs, batch["labels"])
         logits = outputs.logits
         targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # shift the targets, not the logits (no copy)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100,
