@@ -73,6 +73,26 @@ def chunkable(model, head) -> bool:
             and type(head) is torch.nn.Linear and "forward" not in vars(head))
 
 
+def output_layer(model, setting):
+    """``model``'s output layer (the projection onto the vocabulary) where ``model.labelled_logits`` =
+    ``setting`` applies, else None; ``true`` where it cannot apply is an error. It applies to a layer that
+    is called once on the hidden states of every position: a module with a (vocabulary, hidden) weight."""
+    if setting not in (True, False, "auto"):
+        raise UserError(f"model.labelled_logits must be true, false or auto, got {setting!r}")
+    if setting is False:
+        return None
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if isinstance(head, torch.nn.Module) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return head
+    if setting is True:
+        what = "none" if head is None else type(head).__name__
+        raise UserError(f"model.labelled_logits=true: {type(base_model(model)).__name__} has no output layer that "
+                        f"projects each position onto the vocabulary (get_output_embeddings(): {what}); set "
+                        "model.labelled_logits=auto")
+    return None
+
+
 class CausalLMLoss:
     """The summed cross-entropy of a language model over its labelled positions, computed only there.
 
@@ -82,22 +102,14 @@ class CausalLMLoss:
     """
 
     def __init__(self, model, setting, shift: int = 1, chunk_rows: int | None = None):
-        if setting not in (True, False, "auto"):
-            raise UserError(f"model.labelled_logits must be true, false or auto, got {setting!r}")
         self.shift = shift
         self.mode = "off"
         self.recompute = False
         """Chunked mode: recompute each chunk's logits in backward (always in fp16; tests force it)."""
         self._armed = None  # (rows to keep (B, T) bool, targets (N,)) for the next output-layer call
         self._targets = None  # the armed batch's targets, for __call__
-        if setting is False:
-            return
-        head = model.get_output_embeddings()
+        head = output_layer(model, setting)
         if head is None:
-            if setting is True:
-                raise UserError(f"model.labelled_logits=true: {type(base_model(model)).__name__} has no output "
-                                "layer to project only the labelled positions (get_output_embeddings() is None); "
-                                "set model.labelled_logits=auto")
             return
         self.mode = "chunked" if chunkable(model, head) else "gather"
         head.register_forward_pre_hook(self._gather)

@@ -171,6 +171,14 @@ MODELS = rows(
         "model.lora.r=4 task.pooling=mean", 2, "task.pooling=mean does not work with model.lora"),
     Row("pooling-mean-with-cls-only", "train {cfg} task.pooling=mean model.cls_only_last_layer=true", 2,
         "model.cls_only_last_layer=true needs the [CLS] head"),
+    # Perceiver's masked-LM decoder multiplies by the embedding matrix itself: no output layer to gather rows in.
+    Row("labelled-logits-required-without-an-output-layer", "train {cfg} task.name=masked_lm "
+        "model.config.model_type=perceiver model.config.d_latents=64 model.config.num_latents=8 model.config.d_model=64 "
+        "model.config.num_self_attends_per_block=1 model.labelled_logits=true data.train={w}/data/corpus.txt "
+        "data.validation=null data.test=null task.label_names=null", 2,
+        "model.labelled_logits=true: PerceiverForMaskedLM has no output layer that projects each position"),
+    Row("labelled-logits-not-a-setting", "train {cfg} model.labelled_logits=maybe", 2,
+        "'model.labelled_logits' expects bool or 'auto', got 'maybe'"),
     Row("pooling-mean-without-a-linear-head", "train {cfg} model.config.model_type=gpt2 model.config.n_layer=1 "
         "model.config.n_embd=32 model.config.n_head=2 task.pooling=mean", 2,
         "task.pooling=mean: GPT2ForSequenceClassification is not a classifier with one linear layer"),

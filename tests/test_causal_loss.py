@@ -36,7 +36,8 @@ def tiny_lm(kind: str, seed: int = 0, **extra):
 
     keys = {**TINY[kind], **extra}
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(keys.pop("model_type"), vocab_size=VOCAB, pad_token_id=0, **keys)
+    config = AutoConfig.for_model(keys.pop("model_type"), vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                  **keys)
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
 
 

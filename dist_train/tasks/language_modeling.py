@@ -191,10 +191,13 @@ class MaskedLMTask(LanguageModelTask):
         return AutoModelForMaskedLM
 
     def build_model(self):
+        from dist_train.causal_loss import output_layer
+
         model = super().build_model()
         # Only the selected ~15% of positions have targets, and for a small model the projection onto the
-        # vocabulary is the largest matmul of the step: project just those rows (same loss, same gradients).
-        projection = model.get_output_embeddings()
+        # vocabulary is the largest matmul of the step: project just those rows (same loss, same gradients),
+        # unless model.labelled_logits=false.
+        projection = output_layer(model, self.cfg.model.labelled_logits)
         if projection is not None:
             projection.register_forward_pre_hook(self._only_targets)
         return model
