@@ -85,12 +85,12 @@ class ModelConfig:
     and its exports stay stock. ``auto``: wherever it applies (not with LoRA, token or LM tasks); ``true``: required; ``false``: off
     (docs/performance.md)."""
     labelled_logits: Union[bool, Literal["auto"]] = field(default="auto", metadata=MAY_CHANGE)
-    """Language-model losses (causal_lm): project only the positions that have a target onto the vocabulary
-    (``gather``), and where the model returns its output layer's result untouched (GPT-2, Llama, Gemma 3,
-    Qwen, Mistral...) compute the cross-entropy chunk by chunk inside the output layer so the full logits
-    tensor never exists (``chunked``). The same loss and gradients, much less memory and time with a large
-    vocabulary; the model and its exports stay stock. ``auto``: wherever it applies (chunked, else gather);
-    ``true``: required; ``false``: off (full logits)."""
+    """Language-model losses (causal_lm, masked_lm, text_to_text): project only the positions that have a
+    target onto the vocabulary (``gather``), and where the model returns its output layer's result untouched
+    (GPT-2, Llama, Gemma 3, Qwen, Mistral, T5...) compute the cross-entropy chunk by chunk inside the output
+    layer so the full logits tensor never exists (``chunked``). The same loss and gradients, much less memory
+    and time with a large vocabulary; the model and its exports stay stock. ``auto``: wherever it applies
+    (chunked, else gather); ``true``: required; ``false``: off (full logits) (docs/configuration.md)."""
 
 
 @dataclass
