@@ -131,7 +131,7 @@ class ModelInUse:
         self.engine.train(False)
 
     def evaluate(self, path: str, batch_size: int) -> dict:
-        return evaluate(self.engine, self.task, self.task.split(path, "--data"), batch_size)
+        return evaluate(self.engine, self.task, self.task.split(path, "--data"), batch_size, "--data")
 
     def predict(self, texts: list[str], pairs: list[str] | None, batch_size: int) -> list[dict]:
         # Shortest first, so each batch pads to a length near its own rows' (measured on the sentiment

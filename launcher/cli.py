@@ -106,19 +106,42 @@ def _model_folder(args, command: str):
 def _options(args, max_length: int) -> dict:
     """The data options of eval/predict that override what the folder was trained with."""
     return {"text_column": args.text_column, "text_pair_column": args.text_pair_column,
-            "label_column": getattr(args, "label_column", None), "max_length": max_length}
+            "label_column": getattr(args, "label_column", None), "target_column": getattr(args, "target_column", None),
+            "max_length": max_length}
+
+
+def _write_report(report: dict, task, output: str | None) -> None:
+    """Print the report; with --output also write it there, and what the evaluation generated beside it
+    (``REPORT.outputs.jsonl``: sources, references, hypotheses)."""
+    text = json.dumps(report, indent=2)
+    if output:
+        with open(output, "w") as fh:
+            fh.write(text + "\n")
+        task.save_eval_outputs(Path(output).with_suffix(".outputs.jsonl"))
+    print(text)
 
 
 def cmd_eval(args) -> int:
     from dist_train.inference import ModelInUse
 
     folder, max_length = _model_folder(args, "eval")
-    report = ModelInUse(folder, _options(args, max_length), args.precision).evaluate(args.data, args.batch_size)
-    text = json.dumps(report, indent=2)
+    model = ModelInUse(folder, _options(args, max_length), args.precision)
+    _write_report(model.evaluate(args.data, args.batch_size), model.task, args.output)
+    return 0
+
+
+def cmd_zero_shot(args) -> int:
+    from dist_train.config import load_config
+    from dist_train.inference import check_output_file
+    from dist_train.tasks import task_class
+    from dist_train.zero_shot import zero_shot
+
+    cfg = load_config(args.config, args.overrides)
+    task_class(cfg.task.name).check_files(cfg.data)
     if args.output:
-        with open(args.output, "w") as fh:
-            fh.write(text + "\n")
-    print(text)
+        check_output_file(args.output, "--output")
+    report, task = zero_shot(cfg, args.split)
+    _write_report(report, task, args.output)
     return 0
 
 
@@ -228,6 +251,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from dist_train.gguf import convert_gguf
+
+    convert_gguf(args.gguf_file, args.out_dir, overwrite=args.overwrite)
+    return 0
+
+
 def cmd_tokenizer(args) -> int:
     import time
     from pathlib import Path
@@ -329,8 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="labelled .tsv/.csv/.jsonl/.parquet file; for a language model, "
                                                  "text as in data.train (files, globs, folders)")
     p.add_argument("--label-column", help="label column (default: the one the model was trained on)")
+    p.add_argument("--target-column", help="text_to_text: target text column (default: as trained)")
     p.add_argument("--output", help="also write the report (JSON) here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("zero-shot", help="evaluate a config's model.pretrained with no training (text_to_text: "
+                       "the template alone; task.few_shot=K for K-shot): the baseline of a fine-tuning run")
+    p.add_argument("config", help="YAML config file (the one you train with)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. task.few_shot=3")
+    p.add_argument("--split", choices=["test", "validation"], default="test", help="which data file to evaluate on")
+    p.add_argument("--output", help="also write the report (JSON) here, and the generated texts beside it")
+    p.set_defaults(func=cmd_zero_shot)
 
     p = sub.add_parser("predict", help="predict labels for texts or a file")
     model_args(p)
@@ -349,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "its final/ or a checkpoint); predict and eval take it")
     p.add_argument("--quantize", choices=["int8"], help="with --onnx: int8 weights (dynamic quantization)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("convert", help="write a GGUF model file (llama.cpp, e.g. 4-bit) as a Hugging Face model folder")
+    p.add_argument("gguf_file", help="a .gguf file of a causal language model (llama, gemma3, qwen2, ...)")
+    p.add_argument("out_dir", help="new folder for the model (float32 safetensors, config, tokenizer)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR if it holds something (only once the new model is complete)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("tokenizer", help="train a tokenizer (byte-level BPE or WordPiece) on text files")
     p.add_argument("files", nargs="+", help="text files, globs or folders; .jsonl/.tsv/.csv/.parquet read --text-column")
@@ -419,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             stopping.install(["SIGUSR1", "SIGTERM"])
         _quiet_libraries()
         args = parse(argv)
-        if args.command in ("eval", "predict", "export", "generate") or (args.command == "train"
+        if args.command in ("eval", "predict", "export", "generate", "zero-shot", "convert") or (args.command == "train"
                                                                          and not args.print_config):
             _quiet_transformers()
         if args.command == "train":
