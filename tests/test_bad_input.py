@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,6 +277,14 @@ USE = rows(
     Row("export-not-writable", "export {ckpt} /proc/model", 2, "no write permission in '/proc'"),
     Row("export-not-empty", "export {ckpt} {w}/data", 2, "exists and is not empty"),
     Row("export-damaged", "export {w}/damaged {w}/exported", 2, "cannot be used"),
+    Row("convert-missing", "convert {w}/nope.gguf {w}/converted", 2, "GGUF_FILE '{w}/nope.gguf' does not exist"),
+    Row("convert-not-gguf", "convert {w}/data/train.tsv {w}/converted", 2, "is not a GGUF file"),
+    Row("convert-not-empty", "convert {w}/gguf/llama.gguf {w}/data", 2,
+        "OUT_DIR '{w}/data' exists and is not empty; choose a new folder, or add --overwrite"),
+    Row("convert-to-file", "convert {w}/gguf/llama.gguf {w}/data/train.tsv", 2, "is a file; give a new folder"),
+    Row("convert-not-writable", "convert {w}/gguf/llama.gguf /proc/model", 2, "no write permission in '/proc'"),
+    Row("convert-architecture", "convert {w}/gguf/bert.gguf {w}/converted", 2,
+        "holds a 'bert' model, which transformers"),
     Row("tokenizer-vocab", "tokenizer {w}/data/corpus.txt --out {w}/tok --vocab-size 10", 2,
         "--vocab-size must be >= 300"),
     Row("tokenizer-out-not-empty", "tokenizer {w}/data/corpus.txt --out {w}/data", 2, "exists and is not empty"),
@@ -383,10 +392,19 @@ def world(trained, tmp_path_factory):
                                         .encode("latin-1"))
     (data / "latin1.txt").write_bytes("fine line\ncaf\u00e9 au lait\n".encode("latin-1"))
     (data / "emptydir").mkdir()
+    (w / "gguf").mkdir()  # GGUF files of one key and no tensors: enough for every check before convert's work
+    for arch in ("llama", "bert"):
+        (w / "gguf" / f"{arch}.gguf").write_bytes(_gguf_header(arch))
     tiny_config(w, {k: data / f"{k}.tsv" for k in files})
     return w
 
 
+
+
+def _gguf_header(architecture: str) -> bytes:
+    key, value = b"general.architecture", architecture.encode()
+    return (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+            + struct.pack("<IQ", 8, len(value)) + value)
 
 
 def expand(row: Row, w: Path) -> list[str]:
@@ -430,7 +448,8 @@ def test_bad_input_is_one_line_and_touches_nothing(row, world, capfd, monkeypatc
     ("predict {final} --max-length 0 hi", "--max-length must be >= 2"),
     ("submit {cfg} --dry-run --time 99:99:99", "must be 0-59"),
     ("export {ckpt} {w}/data/train.tsv/model", "cannot be created"),
-], ids=["config", "predict", "submit", "export"])
+    ("convert {w}/data/train.tsv {w}/converted", "is not a GGUF file"),
+], ids=["config", "predict", "submit", "export", "convert"])
 def test_a_new_process_exits_2_with_one_line(world, argv, fragment):
     before = snapshot(world)
     assert_user_error(run_cli(*expand(Row("", argv, 2, ""), world)), fragment)
