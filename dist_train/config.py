@@ -173,10 +173,14 @@ class TaskConfig:
     export, a plain transformers ``pipeline`` cannot. ``auto``: the model's ``1_Pooling/config.json``
     (sentence-transformers) decides, else cls (docs/configuration.md#models)."""
     template: Optional[str] = None
-    """text_to_text: the prompt built from each row's source, with ``{source}`` where it goes, e.g.
+    """text_to_text (and classification's ``dist-train zero-shot``): the prompt built from each row's source, with ``{source}`` where it goes, e.g.
     ``"Translate English to French: {source}\nFrench:"``; null = the source as it is (decoder-only models: the
     source and a newline). Decoder-only models learn only what follows the prompt: the target and an
     end-of-text token."""
+    label_words: Optional[list[str]] = None
+    """classification, ``dist-train zero-shot`` with a causal LM: one word per label (in the labels' sorted
+    order, e.g. ``[negative, positive]``); the model's answer is the word most likely right after
+    ``task.template`` (docs/tasks.md#zero-shot-classification-by-prompting)."""
     chat_template: bool = False
     """text_to_text: put the prompt into the tokenizer's chat template as the user's turn (instruction-tuned
     models); the target is the answer. An error for a tokenizer without one."""
@@ -772,16 +776,19 @@ def _check_pooling(cfg: Config, task) -> None:
                         "every position; set model.cls_only_last_layer=auto")
 
 
-TEXT_TO_TEXT_FIELDS = ("template", "chat_template", "few_shot", "generation_metrics", "validation_generations",
-                       "max_new_tokens", "num_beams", "stop_at_newline")
+# Task fields that only some tasks read (their ``task_fields``): set under another task, they are an error.
+TASK_ONLY_FIELDS = ("template", "label_words", "chat_template", "few_shot", "generation_metrics",
+                    "validation_generations", "max_new_tokens", "num_beams", "stop_at_newline")
 
 
-def _check_unused(section, names: tuple[str, ...], task: str, owner: str) -> None:
-    """Fields of ``names`` that only task ``owner`` reads must keep their defaults under another task."""
-    defaults = type(section)()
-    for name in names:
-        if getattr(section, name) != getattr(defaults, name):
-            raise UserError(f"config: task.{name} is for task.name={owner}; {task} does not use it: remove it")
+def _check_unused(section: TaskConfig, task) -> None:
+    from dist_train.tasks import TASKS, task_class
+
+    defaults = TaskConfig()
+    for name in TASK_ONLY_FIELDS:
+        if name not in task.task_fields and getattr(section, name) != getattr(defaults, name):
+            readers = ", ".join(n for n in TASKS if name in task_class(n).task_fields)
+            raise UserError(f"config: task.{name} is for task.name {readers}; {task.name} does not use it: remove it")
 
 
 def validate(cfg: Config) -> None:
@@ -819,8 +826,7 @@ def validate(cfg: Config) -> None:
     if cfg.task.name not in TASKS:
         raise UserError(f"config: task.name '{cfg.task.name}' is not a task; {_suggest(cfg.task.name, list(TASKS))}")
     task = task_class(cfg.task.name)
-    if not task.generates_text:
-        _check_unused(cfg.task, TEXT_TO_TEXT_FIELDS, cfg.task.name, "text_to_text")
+    _check_unused(cfg.task, task)
     task.check_config(cfg)
     if m.lora is not None:
         _check_lora(m, task)

@@ -148,7 +148,7 @@ def test_prompts_few_shot_and_truncation(work):
     shots = task.shots
     assert len(shots) == 2 and all(s in pairs(320, 0) for s in shots)
     text = task.prompt_text("one two")
-    assert text == "".join(TEMPLATE.format(source=s) + t + "\n\n" for s, t in shots) + TEMPLATE.format(source="one two")
+    assert text == "".join(f"{TEMPLATE.format(source=s)} {t}\n\n" for s, t in shots) + TEMPLATE.format(source="one two")
     assert task.prompt_text("one two", shots=False) == TEMPLATE.format(source="one two")
     # Too long: the target keeps a quarter of the length, the prompt its first token and its end.
     assert fit([0, 1, 2, 3, 4, 5, 6, 7], [10, 11, 12, 13], 8) == ([0, 3, 4, 5, 6, 7], [10, 11])

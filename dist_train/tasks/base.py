@@ -230,7 +230,16 @@ class Task(abc.ABC):
     can_generate: ClassVar[bool] = False
     """Whether ``dist-train generate`` applies (text generation: causal language models)."""
     generates_text: ClassVar[bool] = False
-    """Whether evaluation scores generated text (the ``task.*`` generation fields apply: text_to_text)."""
+    """Whether evaluation scores generated text (text_to_text)."""
+    task_fields: ClassVar[frozenset[str]] = frozenset()
+    """Which of the task fields that only some tasks read (``config.TASK_ONLY_FIELDS``) this one reads."""
+
+    def zero_shot(self, split: str) -> dict:
+        """The report of ``model.pretrained`` on ``data.<split>`` with no training (``dist-train zero-shot``)."""
+        from dist_train.tasks import TASKS, task_class
+
+        able = ", ".join(n for n in TASKS if task_class(n).zero_shot is not Task.zero_shot)
+        raise UserError(f"zero-shot: a {self.name} model cannot answer without training; zero-shot evaluates {able}")
 
     def generation_report(self, engine, ds, what: str, batch_size: int) -> dict:
         """Metrics an evaluation adds beyond the evaluator's (scores of generated text), the same on every

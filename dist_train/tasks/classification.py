@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_train.data.labels import LabelMap
+from dist_train.errors import UserError
 from dist_train.metrics import classification_report
 from dist_train.tasks.sequence import SequenceTask, read_rows
 
@@ -24,6 +25,41 @@ class ClassificationTask(SequenceTask):
     metrics = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "loss")
     architectures = ("ForSequenceClassification",)
     summary = ("loss", "accuracy", "f1_macro")
+
+    task_fields = frozenset({"template", "label_words"})
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        t = cfg.task
+        if (t.label_words is None) != (t.template is None):
+            raise UserError("config: task.label_words and task.template go together (classification by prompting a "
+                            "causal LM, dist-train zero-shot): set both or neither")
+        if t.template is not None and "{source}" not in t.template:
+            raise UserError(f"config: task.template must contain {{source}} where each text goes, got {t.template[:80]!r}")
+
+    def zero_shot(self, split: str) -> dict:
+        """Accuracy of a causal LM answering with the label word most likely after ``task.template`` (raw and
+        calibrated: dist_train/prompting.py); no training, no classification head."""
+        from dist_train.models import load_pretrained
+        from dist_train.prompting import zero_shot_classification
+        from transformers import AutoModelForCausalLM
+
+        t, d = self.cfg.task, self.cfg.data
+        if t.label_words is None:
+            raise UserError("zero-shot: classification by prompting needs task.template (with {source}) and "
+                            "task.label_words (one word per label), e.g. task.template='Review: {source} "
+                            "Sentiment:' task.label_words=[negative,positive]")
+        if d.text_pair_column:
+            raise UserError("zero-shot: classification by prompting reads one text per row; remove data.text_pair_column")
+        self.read(d.train)  # the label map, as training learns it
+        if len(t.label_words) != self.labels.num_labels:
+            raise UserError(f"task.label_words has {len(t.label_words)} words for {self.labels.num_labels} labels "
+                            f"({', '.join(self.labels.names)}); give one word per label, in that order")
+        rows, gold = self.read(getattr(d, split))
+        tokenizer = self.load_tokenizer()
+        model, _ = load_pretrained(self.cfg.model.pretrained, AutoModelForCausalLM, self.cfg.model.trust_remote_code)
+        return zero_shot_classification(model, tokenizer, t.template, t.label_words, list(rows[d.text_column]), gold,
+                                        self.labels.names, self.cfg.train.eval_batch_size)
 
     def read(self, path: str):
         ds, self.labels, ids = read_labelled(path, self.cfg.data, self.labels, self.cfg.task.label_names)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from dist_train.data.label_lists import learn_label_set, multi_hot, read_label_lists
 from dist_train.errors import UserError
+from dist_train.tasks.base import Task
 from dist_train.tasks.classification import ClassificationTask
 from dist_train.tasks.sequence import read_rows
 
@@ -28,6 +29,8 @@ class MultiLabelTask(ClassificationTask):
     lower_is_better = frozenset({"loss", "hamming_loss"})
     architectures = ()  # a folder without dist_train.json says nothing of its labels' independence
     summary = ("loss", "f1_micro", "f1_macro", "subset_accuracy")
+    task_fields = frozenset()  # no classification by prompting: one label word cannot say "several or none"
+    zero_shot = Task.zero_shot
 
     @classmethod
     def check_config(cls, cfg) -> None:

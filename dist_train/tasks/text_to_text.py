@@ -29,6 +29,7 @@ from dist_train.data.sampler import eval_plan
 from dist_train.data.sources import check_texts, read_table, require_columns
 from dist_train.errors import UserError
 from dist_train.models import _first_line, build_model, resolve_model_path
+from dist_train.prompting import joined
 from dist_train.tasks.base import Splits, SumEvaluator, Task
 from dist_train.text_metrics import FAMILIES, generation_scores
 
@@ -98,6 +99,8 @@ class TextToTextTask(Task):
     can_predict = True
     can_generate = True
     generates_text = True
+    task_fields = frozenset({"template", "chat_template", "few_shot", "generation_metrics", "validation_generations",
+                             "max_new_tokens", "num_beams", "stop_at_newline"})
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -191,7 +194,8 @@ class TextToTextTask(Task):
         template = t.template if t.template is not None else ("{source}\n" if self.kind == "causal" else "{source}")
         text = template.replace("{source}", source)
         if shots and self.shots:
-            text = "".join(template.replace("{source}", s) + target + SHOT_SEPARATOR for s, target in self.shots) + text
+            text = "".join(joined(template.replace("{source}", s), target) + SHOT_SEPARATOR
+                           for s, target in self.shots) + text
         if t.chat_template:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                       add_generation_prompt=True)
@@ -219,7 +223,7 @@ class TextToTextTask(Task):
 
         def encode_causal(batch):
             prompts = self._encode([self.prompt_text(s, shots=False) for s in batch[src]])
-            fulls = self._encode([self.prompt_text(s, shots=False) + t for s, t in zip(batch[src], batch[tgt])])
+            fulls = self._encode([joined(self.prompt_text(s, shots=False), t) for s, t in zip(batch[src], batch[tgt])])
             out = {"input_ids": [], "labels": [], "length": []}
             for prompt, full, target_text in zip(prompts, fulls, batch[tgt]):
                 # The target's tokens as they come after the prompt in one text (a tokenizer may merge across
@@ -377,6 +381,19 @@ class TextToTextTask(Task):
 
     def prediction_columns(self, prediction: dict) -> dict[str, str]:
         return {"prediction": " ".join(prediction["generated"].split())}
+
+    def zero_shot(self, split: str) -> dict:
+        """The untrained model through the same evaluation as training's (k-shot: ``task.few_shot``)."""
+        from dist_train.engine import SingleEngine
+        from dist_train.evaluate import evaluate
+
+        self.cfg.model.lora = None  # the model as it is (adapters would start as a no-op anyway)
+        self.load_tokenizer()
+        splits = self.prepare(self.tokenizer)  # train too: k-shot prompts draw their examples from it
+        engine = SingleEngine(precision=self.cfg.train.precision)
+        engine.prepare(self.build_model())
+        engine.train(False)
+        return evaluate(engine, self, getattr(splits, split), self.cfg.train.eval_batch_size, split)
 
     # -- export and use --------------------------------------------------------------------------------
     def export_meta(self) -> dict:
