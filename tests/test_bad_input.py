@@ -292,6 +292,35 @@ USE = rows(
     Row("unknown-command", "frobnicate", 2, "invalid choice: 'frobnicate'"),
 )
 
+T2T = "task.name=text_to_text data.train={w}/data/pairs.tsv data.validation=null data.test=null data.text_column=source"
+GPT2 = "model.config.model_type=gpt2 model.tokenizer={w}/bpe"  # the tiny config as a GPT-2, with a BPE tokenizer
+TEXT_TO_TEXT = rows(
+    Row("t2t-template-without-source", f"train {{cfg}} {T2T} {GPT2} task.template=Translate-this", 2,
+        "task.template must contain {{source}}"),
+    Row("t2t-encoder-only", f"train {{cfg}} {T2T}", 2, "a bert model is encoder-only and cannot generate text"),
+    Row("t2t-target-missing", f"train {{cfg}} {T2T} {GPT2} data.target_column=french", 2,
+        "no column 'french' (columns found: source, target); set data.target_column"),
+    Row("t2t-unknown-architecture", f"train {{cfg}} {T2T} model.config=null model.pretrained={{w}}/nope", 2,
+        "transformers cannot read the model in"),
+    Row("t2t-metric-not-generated", f"train {{cfg}} {T2T} {GPT2} checkpoint.metric=bleu", 2,
+        "checkpoint.metric bleu needs generated text: add bleu to task.generation_metrics"),
+    Row("t2t-few-shot-too-many", f"train {{cfg}} {T2T} {GPT2} task.few_shot=5", 2,
+        "task.few_shot=5: data.train has only 2 rows"),
+    Row("generation-metric-for-classification", "train {cfg} task.generation_metrics=[bleu]", 2,
+        "task.generation_metrics is for task.name text_to_text; classification does not use it"),
+    Row("generation-metric-unknown", f"train {{cfg}} {T2T} {GPT2} task.generation_metrics=[meteor]", 2,
+        "'task.generation_metrics' expects list['bleu' | 'chrf' | 'rouge' | 'squad']"),
+    Row("zero-shot-regression", "zero-shot {cfg} task.name=regression model.config=null model.pretrained={minilm}", 2,
+        "a regression model cannot answer without training"),
+    Row("zero-shot-from-scratch", f"zero-shot {{cfg}} {T2T} {GPT2}", 2, "set model.pretrained"),
+    Row("zero-shot-encoder-only", f"zero-shot {{cfg}} {T2T} model.config=null model.pretrained={{minilm}}", 2,
+        "encoder-only"),
+    Row("zero-shot-classification-without-words", "zero-shot {cfg} model.config=null model.pretrained={minilm}", 2,
+        "needs task.template (with {{source}}) and task.label_words"),
+    Row("label-words-without-template", "train {cfg} task.label_words=[bad,good]", 2,
+        "task.label_words and task.template go together"),
+)
+
 LAUNCH = rows(
     Row("endpoint-no-port", "launch {cfg} --nnodes 2 --rdzv-endpoint notaport", 2, "needs a port: HOST:PORT"),
     Row("endpoint-empty-port", "launch {cfg} --nnodes 2 --rdzv-endpoint head:", 2, "needs a port"),
@@ -392,6 +421,12 @@ def world(trained, tmp_path_factory):
                                         .encode("latin-1"))
     (data / "latin1.txt").write_bytes("fine line\ncaf\u00e9 au lait\n".encode("latin-1"))
     (data / "emptydir").mkdir()
+    (data / "pairs.tsv").write_text("source\ttarget\ngood morning\tbonjour\ngood night\tbonne nuit\n")
+    (w / "nope").mkdir()  # a model folder of a type transformers does not know
+    (w / "nope" / "config.json").write_text(json.dumps({"model_type": "nope", "architectures": ["NopeForCausalLM"]}))
+    from dist_train.data.new_tokenizer import train_tokenizer
+
+    train_tokenizer(["good morning bonjour good night bonne nuit"] * 50, "bpe", 300, w / "bpe")
     (w / "gguf").mkdir()  # GGUF files of one key and no tensors: enough for every check before convert's work
     for arch in ("llama", "bert"):
         (w / "gguf" / f"{arch}.gguf").write_bytes(_gguf_header(arch))
@@ -424,7 +459,7 @@ def run_in_process(argv: list[str], capfd) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("row", CONFIG + MODELS + DATA + OUTPUT_DIRS + USE + LAUNCH + SUBMIT)
+@pytest.mark.parametrize("row", CONFIG + MODELS + DATA + OUTPUT_DIRS + USE + TEXT_TO_TEXT + LAUNCH + SUBMIT)
 def test_bad_input_is_one_line_and_touches_nothing(row, world, capfd, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     argv = expand(row, world)
