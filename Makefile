@@ -38,3 +38,14 @@ clean:
 .PHONY: stsb
 stsb:
 	bash data/fetch_stsb.sh
+
+# Gemma 3 270M base (Gemma Terms of Use: fetched and converted, never committed): models/gemma-3-270m/
+.PHONY: gemma
+gemma: setup
+	bash models/fetch_gemma.sh
+
+# Parallel Bible verses, public-domain translations (fetched, never committed): data/bible/en_fr/{train,dev,test}.tsv;
+# another pair: bash data/fetch_bible.sh en de
+.PHONY: bible
+bible:
+	bash data/fetch_bible.sh
