@@ -210,32 +210,66 @@ def test_bf16_autocast_is_close_to_stock(monkeypatch):
         assert (p.grad - q.grad).norm() <= 2e-2 * p.grad.norm() + 1e-6
 
 
-def test_training_run_ends_at_the_stock_runs_weights(tmp_path):
+@pytest.fixture(scope="module")
+def stock_run(tmp_path_factory):
+    """A short causal_lm run with model.labelled_logits=false: (its folder, the config, its reports)."""
     from dist_train.data.new_tokenizer import train_tokenizer
     from dist_train.trainer import train
 
+    tmp = tmp_path_factory.mktemp("runs")
     text = (ROOT / "data" / "corpus" / "austen.txt").read_text()[200_000:]
     paragraphs = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()][:60]
-    (tmp_path / "corpus.txt").write_text("\n".join(paragraphs) + "\n")
-    train_tokenizer(paragraphs, "bpe", VOCAB, tmp_path / "tok")
-    reports = {}
-    for setting in (True, False):
-        out = tmp_path / f"out-{setting}"
-        cfg = {"output_dir": str(out),
-               "model": {"config": {**TINY["gpt2"]}, "tokenizer": str(tmp_path / "tok"), "labelled_logits": setting},
-               "data": {"train": str(tmp_path / "corpus.txt"), "validation_split": 0.2, "max_length": 32,
-                        "cache_dir": str(tmp_path / "cache")},
-               "task": {"name": "causal_lm"},
-               # adam_eps 1e-6, not 1e-8: Adam's normalised step turns a rounding-level difference in a gradient
-               # element near 0 (summation order) into a step of up to lr; eps bounds that (5e-5 -> 2e-6 here).
-               "train": {"epochs": 1, "max_steps": 4, "micro_batch_size": 4, "grad_accum": 2, "eval_batch_size": 8,
-                         "lr": 3e-3, "adam_eps": 1e-6},
-               "checkpoint": {"every_epoch": False},
-               "logging": {"every_steps": 1, "progress_bar": False, "tensorboard": False}}
-        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-        reports[setting] = train(load_config(tmp_path / "c.yaml"))
-    logs = {s: [r["loss"] for r in map(json.loads, (tmp_path / f"out-{s}" / "metrics.jsonl").read_text().splitlines())
-                if r["split"] == "train"] for s in reports}
-    assert logs[True] == pytest.approx(logs[False], rel=1e-5)
-    assert reports[True]["validation"]["loss"] == pytest.approx(reports[False]["validation"]["loss"], rel=1e-5)
-    assert max_diff(tmp_path / "out-True" / "final", tmp_path / "out-False" / "final") < 1e-5
+    (tmp / "corpus.txt").write_text("\n".join(paragraphs) + "\n")
+    train_tokenizer(paragraphs, "bpe", VOCAB, tmp / "tok")
+    cfg = {"output_dir": str(tmp / "stock"),
+           "model": {"config": {**TINY["gpt2"]}, "tokenizer": str(tmp / "tok"), "labelled_logits": False},
+           "data": {"train": str(tmp / "corpus.txt"), "validation_split": 0.2, "max_length": 32,
+                    "cache_dir": str(tmp / "cache")},
+           "task": {"name": "causal_lm"},
+           # adam_eps 1e-6, not 1e-8: Adam's normalised step turns a rounding-level difference in a gradient
+           # element near 0 (summation order) into a step of up to lr; eps bounds that (5e-5 -> 2e-6 here).
+           "train": {"epochs": 1, "max_steps": 4, "micro_batch_size": 4, "grad_accum": 2, "eval_batch_size": 8,
+                     "lr": 3e-3, "adam_eps": 1e-6},
+           "checkpoint": {"every_epoch": False},
+           "logging": {"every_steps": 1, "progress_bar": False, "tensorboard": False}}
+    (tmp / "c.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp, tmp / "c.yaml", train(load_config(tmp / "c.yaml"))
+
+
+def run_log(out) -> tuple[list[float], float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == "train"], [r["loss"] for r in rows if r["split"] == "validation"][-1]
+
+
+def common_max_diff(a, b) -> float:
+    """max_diff over the tensors both exports hold (ZeRO-3's export also writes GPT-2's tied lm_head)."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa.keys() & wb.keys())
+
+
+def test_training_run_ends_at_the_stock_runs_weights(stock_run):
+    from dist_train.trainer import train
+
+    tmp, cfg, _ = stock_run
+    train(load_config(cfg, [f"output_dir={tmp / 'ours'}", "model.labelled_logits=true"]))
+    (train_ours, valid_ours), (train_stock, valid_stock) = run_log(tmp / "ours"), run_log(tmp / "stock")
+    assert train_ours == pytest.approx(train_stock, rel=1e-5)
+    assert valid_ours == pytest.approx(valid_stock, rel=1e-5)
+    assert max_diff(tmp / "ours" / "final", tmp / "stock" / "final") < 1e-5
+
+
+def test_zero3_world_2_with_the_chunked_loss_ends_at_the_stock_runs_weights(stock_run):
+    """DeepSpeed ZeRO-3 gathers the (tied) output layer only around its forward and backward: the chunked loss
+    runs inside that forward. World 2 x 1 micro-batch = world 1 x accumulation 2 (the same global batch)."""
+    from conftest import execute, worker_cmd
+
+    tmp, cfg, _ = stock_run
+    result = execute(worker_cmd(2, cfg, f"output_dir={tmp / 'zero3'}", "model.labelled_logits=true",
+                                "engine.kind=deepspeed", "engine.zero_stage=3", "train.grad_accum=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (train_ours, valid_ours), (train_stock, valid_stock) = run_log(tmp / "zero3"), run_log(tmp / "stock")
+    assert train_ours == pytest.approx(train_stock, rel=1e-5)
+    assert valid_ours == pytest.approx(valid_stock, rel=1e-5)
+    assert common_max_diff(tmp / "zero3" / "final", tmp / "stock" / "final") < 1e-5
