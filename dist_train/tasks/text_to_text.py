@@ -337,6 +337,8 @@ class TextToTextTask(Task):
         plan = eval_plan([len(p) for p in prompts], batch_size, engine.rank, engine.world_size)
         options = {"max_new_tokens": new, "num_beams": t.num_beams, "pad_token_id": pad,
                    "synced_gpus": engine.world_size > 1, "do_sample": not greedy}
+        if t.stop_at_newline:  # each row stops at its first line break (the rest would be cut anyway)
+            options.update(stop_strings=["\n"], tokenizer=tok)
         if not greedy:
             options.update(temperature=temperature, top_p=top_p, top_k=None)
             torch.manual_seed(seed)
