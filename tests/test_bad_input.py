@@ -300,7 +300,7 @@ TEXT_TO_TEXT = rows(
     Row("t2t-encoder-only", f"train {{cfg}} {T2T}", 2, "a bert model is encoder-only and cannot generate text"),
     Row("t2t-target-missing", f"train {{cfg}} {T2T} {GPT2} data.target_column=french", 2,
         "no column 'french' (columns found: source, target); set data.target_column"),
-    Row("t2t-unknown-architecture", f"train {{cfg}} {T2T} model.config=null model.pretrained={{w}}/nope", 2,
+    Row("t2t-unknown-architecture", f"train {{cfg}} {T2T} model.config=null model.pretrained={{w}}/unknown_arch", 2,
         "transformers cannot read the model in"),
     Row("t2t-metric-not-generated", f"train {{cfg}} {T2T} {GPT2} checkpoint.metric=bleu", 2,
         "checkpoint.metric bleu needs generated text: add bleu to task.generation_metrics"),
@@ -422,8 +422,8 @@ def world(trained, tmp_path_factory):
     (data / "latin1.txt").write_bytes("fine line\ncaf\u00e9 au lait\n".encode("latin-1"))
     (data / "emptydir").mkdir()
     (data / "pairs.tsv").write_text("source\ttarget\ngood morning\tbonjour\ngood night\tbonne nuit\n")
-    (w / "nope").mkdir()  # a model folder of a type transformers does not know
-    (w / "nope" / "config.json").write_text(json.dumps({"model_type": "nope", "architectures": ["NopeForCausalLM"]}))
+    (w / "unknown_arch").mkdir()  # a model folder of a type transformers does not know
+    (w / "unknown_arch" / "config.json").write_text(json.dumps({"model_type": "nope", "architectures": ["NopeForCausalLM"]}))
     from dist_train.data.new_tokenizer import train_tokenizer
 
     train_tokenizer(["good morning bonjour good night bonne nuit"] * 50, "bpe", 300, w / "bpe")
