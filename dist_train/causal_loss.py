@@ -182,11 +182,19 @@ def _chunked_forward(head, x: torch.Tensor) -> torch.Tensor:
     return LinearCrossEntropy.apply(x, head.weight, head.bias, targets, loss.chunk_rows, dtype, need, recompute)
 
 
-def _softmax_minus_onehot_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """d(sum of cross-entropy)/d(logits), in place of the fp32 ``logits``."""
-    p = logits.sub_(lse.unsqueeze(1)).exp_()
+def _cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, grad: bool):
+    """(summed cross-entropy of the fp32 ``logits`` rows, d(that)/d(logits) or None), the gradient made in
+    place of ``logits`` (no second buffer of the chunk's size: ``torch.logsumexp`` would make one)."""
+    picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+    top = logits.amax(dim=1, keepdim=True)
+    e = logits.sub_(top).exp_()
+    total = e.sum(dim=1)
+    loss = (top.squeeze(1) + total.log() - picked).sum()
+    if not grad:
+        return loss, None
+    p = e.div_(total.unsqueeze(1))
     p.scatter_add_(1, targets.unsqueeze(1), p.new_full((len(targets), 1), -1.0))
-    return p
+    return loss, p
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -203,12 +211,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             grads = None if recompute or not any(need) else _buffers(x, weight, bias, need)
             for start in range(0, len(x), chunk_rows):
                 xc, tc = xs[start:start + chunk_rows], targets[start:start + chunk_rows]
-                logits = F.linear(xc, w, b).float()
-                lse = torch.logsumexp(logits, dim=1)
-                total += (lse - logits.gather(1, tc.unsqueeze(1)).squeeze(1)).sum()
-                if grads is not None:
-                    _accumulate(grads, _softmax_minus_onehot_(logits, tc, lse).to(dtype), xc, w, start)
-                del logits
+                loss, p = _cross_entropy_(F.linear(xc, w, b).float(), tc, grads is not None)
+                total += loss
+                if p is not None:
+                    _accumulate(grads, p.to(dtype), xc, w, start)
+                del p
         ctx.need, ctx.recompute, ctx.grads = need, recompute, grads
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
         if recompute and any(need):
@@ -228,10 +235,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 scale = grad_total.float()
                 for start in range(0, len(x), ctx.chunk_rows):
                     xc, tc = xs[start:start + ctx.chunk_rows], targets[start:start + ctx.chunk_rows]
-                    logits = F.linear(xc, w, b).float()
-                    p = _softmax_minus_onehot_(logits, tc, torch.logsumexp(logits, dim=1)).mul_(scale)
-                    _accumulate(grads, p.to(ctx.dtype), xc, w, start)
-                    del logits, p
+                    _, p = _cross_entropy_(F.linear(xc, w, b).float(), tc, True)
+                    _accumulate(grads, p.mul_(scale).to(ctx.dtype), xc, w, start)
+                    del p
             out = grads
         else:
             # Computed in forward for a loss of gradient 1: scale by this one (in place: one backward only).

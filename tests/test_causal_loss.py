@@ -196,15 +196,18 @@ def test_the_model_stays_stock_for_export_and_copies(tmp_path):
     assert abs(mine.item() - theirs.item()) > 1e-3
 
 
-def test_bf16_autocast_is_close_to_stock(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_is_close_to_stock(dtype, monkeypatch):
+    """bf16: gradients made in the forward; fp16: recomputed in backward, scaled before the cast to fp16 (as
+    the stock backward does: under a loss scale, a softmax of ~1/V would underflow in fp16 otherwise)."""
     stock = tiny_lm("gemma3")
     ours = copy.deepcopy(stock)
     lm_loss = build(ours, "chunked", monkeypatch)
     batch = sft_batch(7)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         a, b = stock_loss(stock, batch), ours_loss(ours, lm_loss, batch)
-    a.backward()
-    b.backward()
+    (a * 1024).backward()  # a loss scale
+    (b * 1024).backward()
     torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-2)
     for p, q in zip(stock.parameters(), ours.parameters()):
         assert (p.grad - q.grad).norm() <= 2e-2 * p.grad.norm() + 1e-6
