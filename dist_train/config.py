@@ -827,6 +827,10 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config: task.name '{cfg.task.name}' is not a task; {_suggest(cfg.task.name, list(TASKS))}")
     task = task_class(cfg.task.name)
     _check_unused(cfg.task, task)
+    if m.labelled_logits is True and not task.lm_loss:
+        able = ", ".join(n for n in TASKS if task_class(n).lm_loss)
+        raise UserError(f"config: model.labelled_logits=true is for language-model losses ({able}); "
+                        f"{cfg.task.name} has none: set it to auto")
     task.check_config(cfg)
     if m.lora is not None:
         _check_lora(m, task)

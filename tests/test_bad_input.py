@@ -317,6 +317,8 @@ TEXT_TO_TEXT = rows(
         "encoder-only"),
     Row("zero-shot-classification-without-words", "zero-shot {cfg} model.config=null model.pretrained={minilm}", 2,
         "needs task.template (with {{source}}) and task.label_words"),
+    Row("labelled-logits-on-a-classifier", "train {cfg} model.labelled_logits=true", 2,
+        "model.labelled_logits=true is for language-model losses (causal_lm, masked_lm, text_to_text)"),
     Row("label-words-without-template", "train {cfg} task.label_words=[bad,good]", 2,
         "task.label_words and task.template go together"),
 )

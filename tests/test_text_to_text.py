@@ -257,3 +257,48 @@ def test_encoder_decoder_learns_and_beats_its_zero_shot_baseline(work, tmp_path)
     from transformers import AutoModelForSeq2SeqLM
 
     assert AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "run" / "final").config.is_encoder_decoder
+
+
+@pytest.mark.parametrize("spec", [T5, {"model_type": "bart", "d_model": 64, "encoder_layers": 2, "decoder_layers": 2,
+                                       "encoder_attention_heads": 2, "decoder_attention_heads": 2,
+                                       "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
+                                       "max_position_embeddings": 64}], ids=["t5", "bart"])
+def test_encoder_decoder_batches_give_the_models_own_loss(work, spec):
+    """The collator's decoder inputs (labels shifted right behind the start token) and the summed loss over
+    the target count are what transformers computes from ``labels`` itself."""
+    from dist_train.tasks import build_task
+
+    path = t2t_config(work, lora=False)
+    tree = yaml.safe_load(path.read_text())
+    tree["model"] = {"config": {**spec, "decoder_start_token_id": 0}, "tokenizer": str(work / "tok")}
+    path.write_text(yaml.safe_dump(tree, allow_unicode=True))
+    task = build_task(load_config(path))
+    task.prepare(task.load_tokenizer())
+    model = task.build_model().eval()
+    splits = task.prepare(task.tokenizer)
+    batch = task.collator(0)([splits.train[i] for i in range(6)])
+    assert (batch["labels"] == -100).any()  # rows of unequal length: padding in the labels
+    with torch.no_grad():
+        ours = task.loss_sum(model(**task.inputs(batch)), batch) / task.count(batch)
+        theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
+
+
+def test_chat_template_wraps_the_prompt_and_the_target_follows_it(work, tmp_path):
+    from transformers import AutoTokenizer
+
+    from dist_train.tasks import build_task
+
+    tok = AutoTokenizer.from_pretrained(work / "llama")
+    tok.chat_template = ("{% for m in messages %}<|user|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.save_pretrained(tmp_path / "chat")
+    cfg = load_config(t2t_config(work, lora=False), [f"model.tokenizer={tmp_path / 'chat'}", "task.chat_template=true"])
+    task = build_task(cfg)
+    task.prepare(task.load_tokenizer())
+    assert task.prompt_text("one two") == f"<|user|>{TEMPLATE.format(source='one two')}\n<|assistant|>"
+    row = task._tokenize(task.read(str(work / "validation.tsv"), "--data")).select([0])[0]
+    target = [t for t in row["labels"] if t != -100]
+    assert task.tokenizer.decode(target[:-1]).strip() == row["reference"]
+    with pytest.raises(Exception, match="has no chat template"):
+        build_task(load_config(t2t_config(work, lora=False), ["task.chat_template=true"])).load_tokenizer()

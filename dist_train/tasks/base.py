@@ -231,6 +231,8 @@ class Task(abc.ABC):
     """Whether ``dist-train generate`` applies (text generation: causal language models)."""
     generates_text: ClassVar[bool] = False
     """Whether evaluation scores generated text (text_to_text)."""
+    lm_loss: ClassVar[bool] = False
+    """Whether the loss is a language model's over the vocabulary (``model.labelled_logits`` applies)."""
     task_fields: ClassVar[frozenset[str]] = frozenset()
     """Which of the task fields that only some tasks read (``config.TASK_ONLY_FIELDS``) this one reads."""
 

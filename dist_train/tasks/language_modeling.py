@@ -25,6 +25,7 @@ def cache_root(cfg) -> str:
 
 
 class LanguageModelTask(Task):
+    lm_loss = True
     metrics = ("loss", "perplexity")
     lower_is_better = frozenset({"loss", "perplexity"})
     summary = ("loss", "perplexity")

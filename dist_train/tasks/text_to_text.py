@@ -91,6 +91,7 @@ class TextToTextAuto:
 
 
 class TextToTextTask(Task):
+    lm_loss = True
     name = "text_to_text"
     metrics = ("loss", "perplexity", *(key for keys in FAMILIES.values() for key in keys))
     lower_is_better = frozenset({"loss", "perplexity"})
