@@ -207,7 +207,7 @@ def cmd_generate(args) -> int:
         print(f"wrote {len(texts)} generations to {args.output}")
         return 0
     for prompt, text in zip(prompts, texts):
-        print(" ".join(f"{prompt}{text}".split()))  # one line per prompt (--output keeps the text exactly)
+        print(model.task.generated_line(prompt, text))  # one line per prompt (--output keeps the text exactly)
     return 0
 
 

@@ -257,6 +257,11 @@ class Task(abc.ABC):
         """Each prompt's continuation; only tasks with ``can_generate``."""
         raise UserError(f"generate: a {self.name} model does not generate text")
 
+    @staticmethod
+    def generated_line(prompt: str, text: str) -> str:
+        """The line ``dist-train generate`` prints: the prompt and its continuation, on one line."""
+        return " ".join(f"{prompt}{text}".split())
+
     def predict(self, engine, texts: list[str], pairs: list[str] | None, batch_size: int) -> list[dict]:
         """One prediction (a dict) per text; only tasks with ``can_predict``."""
         raise UserError(f"predict: a {self.name} model does not predict labels; {self.predict_hint}")

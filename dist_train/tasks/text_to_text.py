@@ -376,6 +376,11 @@ class TextToTextTask(Task):
         return self.generate_ids(engine, self.prompt_ids(prompts), batch_size, greedy=temperature == 0,
                                  temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens)
 
+    @staticmethod
+    def generated_line(prompt: str, text: str) -> str:
+        """The source, a tab, and the generated target (each on one line)."""
+        return f"{' '.join(prompt.split())}\t{' '.join(text.split())}"
+
     def predict(self, engine, texts: list[str], pairs: list[str] | None, batch_size: int) -> list[dict]:
         return [{"generated": g} for g in self.generate_ids(engine, self.prompt_ids(texts), batch_size)]
 
