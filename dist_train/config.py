@@ -137,6 +137,11 @@ class DataConfig:
     hard-wrapped text such as books), or the whole file."""
     num_proc: Optional[int] = field(default=None, metadata=MAY_CHANGE)
     """Processes that tokenize a corpus (``datasets.map``); null = one. The result is cached either way."""
+    packing: bool = False
+    """text_to_text with a decoder-only model: pack several training examples into each row of up to
+    ``max_length`` tokens, each attending only to itself (position ids restart per example; no padding inside
+    a row). The same loss per example as unpacked, fewer padded positions; validation and test stay unpacked
+    (docs/tasks.md)."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding, faster); order stays random across batches."""
     num_workers: int = field(default=0, metadata=MAY_CHANGE)
@@ -827,6 +832,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config: task.name '{cfg.task.name}' is not a task; {_suggest(cfg.task.name, list(TASKS))}")
     task = task_class(cfg.task.name)
     _check_unused(cfg.task, task)
+    if cfg.data.packing and not task.can_pack:
+        able = ", ".join(n for n in TASKS if task_class(n).can_pack)
+        raise UserError(f"config: data.packing is for {able}; {cfg.task.name} does not pack: remove it")
     if m.labelled_logits is True and not task.lm_loss:
         able = ", ".join(n for n in TASKS if task_class(n).lm_loss)
         raise UserError(f"config: model.labelled_logits=true is for language-model losses ({able}); "

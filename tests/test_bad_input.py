@@ -319,6 +319,10 @@ TEXT_TO_TEXT = rows(
         "needs task.template (with {{source}}) and task.label_words"),
     Row("labelled-logits-on-a-classifier", "train {cfg} model.labelled_logits=true", 2,
         "model.labelled_logits=true is for language-model losses (causal_lm, masked_lm, text_to_text)"),
+    Row("packing-encoder-decoder", f"train {{cfg}} {T2T} model.config.model_type=t5 model.tokenizer={{w}}/bpe "
+        "data.packing=true", 2, "data.packing packs decoder-only models' examples"),
+    Row("packing-classification", "train {cfg} data.packing=true", 2,
+        "data.packing is for text_to_text; classification does not pack"),
     Row("label-words-without-template", "train {cfg} task.label_words=[bad,good]", 2,
         "task.label_words and task.template go together"),
 )

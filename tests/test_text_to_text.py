@@ -302,3 +302,47 @@ def test_chat_template_wraps_the_prompt_and_the_target_follows_it(work, tmp_path
     assert task.tokenizer.decode(target[:-1]).strip() == row["reference"]
     with pytest.raises(Exception, match="has no chat template"):
         build_task(load_config(t2t_config(work, lora=False), ["task.chat_template=true"])).load_tokenizer()
+
+
+def test_packed_examples_each_have_their_unpacked_loss(work):
+    """Three examples in one packed row: each one's summed loss (and every logit at its targets) is what it
+    has alone; nothing attends or predicts across the boundaries. Gemma 3's sliding-window layers included."""
+    import torch.nn.functional as F
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dist_train.data.packing import pack, pack_rows
+    from dist_train.tasks import build_task
+
+    task = build_task(load_config(t2t_config(work, lora=False), ["data.packing=true", "model.labelled_logits=false"]))
+    splits = task.prepare(task.load_tokenizer())
+    rows = splits.train.select(range(3))
+    packed, fill = pack(rows, 48)
+    assert len(packed) == 1 and fill == sum(rows["length"]) / 48
+    batch = task.collator(0)([packed[0]])
+    assert "attention_mask" not in batch and batch["position_ids"][0].tolist().count(0) == 3
+    tok = task.tokenizer
+    gemma = {"model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "sliding_window": 4,
+             "layer_types": ["sliding_attention", "full_attention"], "vocab_size": len(tok),
+             "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "bos_token_id": tok.eos_token_id}
+    for spec in (LLAMA, gemma):
+        torch.manual_seed(0)
+        config = dict(spec, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).eval()
+
+        def losses(logits, labels):
+            return F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="none")
+
+        with torch.no_grad():
+            def run(b):  # what the task passes to the model in training: no labels, no cache
+                return model(**{k: v for k, v in b.items() if k != "labels"}, use_cache=False).logits
+
+            together = losses(run(batch), batch["labels"])
+            start, alone = 0, []
+            for row in rows:
+                one = task.collator(0)([row])
+                alone.append(losses(run(one), one["labels"]))
+                n = len(row["input_ids"])
+                torch.testing.assert_close(together[start:start + n - 1], alone[-1], rtol=1e-5, atol=1e-5)
+                start += n
+    assert pack_rows([5, 3, 4, 2, 1], 6) == [[0, 4], [2, 3], [1]]  # best fit, longest first

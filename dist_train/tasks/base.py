@@ -233,6 +233,8 @@ class Task(abc.ABC):
     """Whether evaluation scores generated text (text_to_text)."""
     lm_loss: ClassVar[bool] = False
     """Whether the loss is a language model's over the vocabulary (``model.labelled_logits`` applies)."""
+    can_pack: ClassVar[bool] = False
+    """Whether ``data.packing`` applies (several examples per row, each attending to itself)."""
     task_fields: ClassVar[frozenset[str]] = frozenset()
     """Which of the task fields that only some tasks read (``config.TASK_ONLY_FIELDS``) this one reads."""
 

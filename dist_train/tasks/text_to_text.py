@@ -19,6 +19,7 @@ baseline); ``dist-train zero-shot`` evaluates a model through this same path wit
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -92,6 +93,7 @@ class TextToTextAuto:
 
 class TextToTextTask(Task):
     lm_loss = True
+    can_pack = True
     name = "text_to_text"
     metrics = ("loss", "perplexity", *(key for keys in FAMILIES.values() for key in keys))
     lower_is_better = frozenset({"loss", "perplexity"})
@@ -114,6 +116,9 @@ class TextToTextTask(Task):
     @classmethod
     def check_config(cls, cfg) -> None:
         t, d = cfg.task, cfg.data
+        if d.packing and cls.kind_of(cfg) != "causal":
+            raise UserError("config: data.packing packs decoder-only models' examples; an encoder-decoder model "
+                            "reads its source and target apart: set data.packing=false")
         if t.template is not None and "{source}" not in t.template:
             raise UserError(f"config: task.template must contain {{source}} where each row's source text goes, got "
                             f"{t.template[:80]!r}")
@@ -251,15 +256,29 @@ class TextToTextTask(Task):
                                                                              if c not in (src, tgt)])
         return ds.rename_columns({src: "source", tgt: "reference"}) if (src, tgt) != ("source", "reference") else ds
 
+    def train_subset(self, ds):
+        """The training set as trained on: ``data.train_rows`` of it, then packed with ``data.packing``."""
+        ds = super().train_subset(ds)
+        if not self.cfg.data.packing:
+            return ds
+        from dist_train.data.packing import pack
+
+        packed, fill = pack(ds, self.cfg.data.max_length)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"dist-train: packing: {len(ds)} training examples in {len(packed)} rows of up to "
+                  f"{self.cfg.data.max_length} tokens, {100 * fill:.1f}% of their positions filled", flush=True)
+        return packed
+
     def lengths(self, ds) -> list[int]:
         return ds["length"]
 
     def fingerprint(self, ds) -> dict:
-        labels = [len(x) for x in ds["labels"]]
-        return data_fingerprint(len(ds), ds["length"], labels, "\n".join(ds["reference"][:1000]))
+        labels = ds["labels"]  # per row: how many target tokens, and the sum of their ids
+        return data_fingerprint(len(ds), ds["length"], [sum(t >= 0 for t in x) for x in labels],
+                                [sum(t for t in x if t >= 0) for x in labels])
 
     def view(self, ds):
-        return ds.select_columns(["input_ids", "labels"])
+        return ds.select_columns([c for c in ("input_ids", "labels", "position_ids") if c in ds.column_names])
 
     def collator(self, epoch: int):
         return TextToTextCollator(self.tokenizer.pad_token_id, self.decoder_start if self.kind == "seq2seq" else None)
@@ -284,7 +303,9 @@ class TextToTextTask(Task):
     # -- the step ----------------------------------------------------------------------------------------
     def inputs(self, batch: dict) -> dict:
         self.loss.arm(batch["labels"])
-        return {k: v for k, v in batch.items() if k != "labels"}
+        # No key/value cache in training: it is never read, and with one transformers would not read packed
+        # rows' position ids as example boundaries.
+        return {**{k: v for k, v in batch.items() if k != "labels"}, "use_cache": False}
 
     def count(self, batch: dict) -> torch.Tensor:
         labels = batch["labels"]
@@ -435,6 +456,8 @@ class TextToTextCollator:
         self.pad_id, self.decoder_start = pad_id, decoder_start
 
     def __call__(self, items: list[dict]) -> dict:
+        if "position_ids" in items[0]:
+            return self.packed(items)
         longest = max(len(it["input_ids"]) for it in items)
         ids = torch.full((len(items), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), longest), dtype=torch.long)
@@ -450,6 +473,20 @@ class TextToTextCollator:
             dec = torch.cat([torch.full((len(items), 1), self.decoder_start), labels[:, :-1]], dim=1)
             batch["decoder_input_ids"] = dec.masked_fill(dec == -100, self.pad_id)
         return batch
+
+    def packed(self, items: list[dict]) -> dict:
+        """Packed rows: no attention mask (the position ids mark the examples); a row's padding is one more
+        example of its own, with no labels."""
+        longest = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), longest), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(items), longest), -100, dtype=torch.long)
+        positions = torch.arange(longest).repeat(len(items), 1)
+        for i, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[i, :n], labels[i, :n] = torch.as_tensor(it["input_ids"]), torch.as_tensor(it["labels"])
+            positions[i, :n] = torch.as_tensor(it["position_ids"])
+            positions[i, n:] = torch.arange(longest - n)
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
 def causal_loss(model, model_cfg, shift: int):
