@@ -119,3 +119,16 @@ def test_transfer_curve_recipe_and_picture(tmp_path):
                                                                  for k, v in sizes.items()}}}}
     png = transfer.draw_curve(result, tmp_path / "curve.png")
     assert matplotlib.image.imread(png).shape[:2] == (600, 900)
+
+
+def test_labelled_logits_bench_runs_on_a_tiny_setting(tmp_path):
+    out = tmp_path / "labelled_logits.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "bench/labelled_logits.py", "--width", "32", "--vocab", "2048", "--batch",
+                             "2", "--length", "32", "--rounds", "1", "--out", str(out)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = json.loads(out.read_text())["widths"]["32"]
+    assert [table[m]["actual_mode"] for m in ("full", "gather", "chunked")] == ["off", "gather", "chunked"]
+    assert table["gather"]["loss"] == table["chunked"]["loss"] == table["full"]["loss"] or (
+        abs(table["chunked"]["loss"] - table["full"]["loss"]) < 1e-3 * abs(table["full"]["loss"]))
