@@ -1,4 +1,5 @@
-"""The ``dist-train`` command: train, launch, submit, eval, predict, export, tokenizer.
+"""The ``dist-train`` command: train, launch, submit, eval, zero-shot, predict, generate, export, convert, tokenizer,
+report.
 
 Mistakes in the input end as one line on stderr and exit status 2, never a traceback.
 """
@@ -306,7 +307,10 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dist_train import __version__
+
     parser = _Parser(prog="dist-train", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"dist-train {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train from a YAML config (one process; under torchrun, one worker)")

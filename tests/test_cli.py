@@ -82,3 +82,14 @@ def test_eval_and_predict_errors_are_one_line(trained, tmp_path):
     assert_user_error(run_cli("predict", tmp_path / "nothing", "hi"), "not a local folder")
     assert_user_error(run_cli("predict", out / "final"), "give either texts")
     assert_user_error(run_cli("eval", out / "final", "--data", tmp_path / "missing.tsv"), "file not found")
+
+
+def test_version_and_every_command_in_help():
+    from dist_train import __version__
+
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"dist-train {__version__}"
+    shown = run_cli("--help").stdout
+    for command in ("train", "launch", "submit", "eval", "zero-shot", "predict", "generate", "export", "convert",
+                    "tokenizer", "report"):
+        assert command in shown, command
