@@ -563,7 +563,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             kwargs[key] = _coerce(value, tp)
         except _Mismatch:
             raise UserError(
-                f"config: '{prefix}{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+                f"config: '{prefix}{key}' expects {_type_name(tp)}, got {_short(value)} ({type(value).__name__})"
             ) from None
     return cls(**kwargs)
 
@@ -586,6 +586,13 @@ def _sections() -> dict[str, str]:
     return found
 
 
+def _has_alias(raw: str) -> bool:
+    try:
+        return any(isinstance(token, yaml.AliasToken) for token in yaml.scan(raw))
+    except yaml.YAMLError:
+        return False
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise UserError(f"override '{text}' is not KEY=VALUE (e.g. train.lr=3e-5)")
@@ -593,6 +600,9 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise UserError(f"override '{text}' has an empty key; write e.g. train.lr=3e-5")
+    if "*" in raw and _has_alias(raw):  # an alias repeats an anchor's value: a short text can expand without bound
+        raise UserError(f"override '{_short(text)[1:-1]}' uses YAML anchors and aliases (& and *); write the value "
+                        "out, or put it in the config file")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -611,15 +621,55 @@ def _set_dotted(tree: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing what a config never needs and a reader would miss: a key given twice in one
+    mapping (YAML keeps the last one silently: a second ``train:`` section replaces the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise UserError(f"line {key_node.start_mark.line + 1}: key '{key}' is given twice in one mapping (also "
+                                f"line {seen[key] + 1}); YAML would keep only the last: merge them into one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _config_file_problem(path: Path) -> str | None:
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP
+            return "is a symbolic link that points back to itself (a loop)"
+        return "not found" if not path.is_symlink() else "is a symbolic link to nothing"
+    if path.is_dir():
+        return "is a folder; give the YAML file (e.g. configs/sentiment.yaml)"
+    if not path.is_file():
+        return "is not a regular file"
+    return None
+
+
+MAX_ECHO = 200  # characters of a value an error message repeats
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= MAX_ECHO else f"{text[:MAX_ECHO]}... ({len(text)} characters)"
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply ``a.b=value`` overrides, and return the validated Config."""
     tree: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file '{path}' not found")
+        problem = _config_file_problem(path)
+        if problem:
+            raise UserError(f"config file '{path}' {problem}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+        except UserError as exc:
+            raise UserError(f"config file '{path}' {exc}") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""

@@ -105,8 +105,10 @@ def snapshot(*roots: Path) -> dict[str, tuple]:
         for path in sorted(root.rglob("*")):
             if "cache" in path.relative_to(root).parts[:1]:
                 continue
-            st = path.stat()
-            if path.is_file():
+            st = path.lstat() if path.is_symlink() else path.stat()  # (a link to itself has no target to stat)
+            if path.is_symlink():
+                found[str(path)] = ("link", os.readlink(path))
+            elif path.is_file():
                 key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
                 if key not in _CRC:
                     _CRC[key] = zlib.crc32(path.read_bytes())

@@ -144,6 +144,13 @@ CONFIG = rows(
     Row("train-tokenizer-classification", "train {cfg} model.tokenizer=null model.train_tokenizer.kind=bpe", 2,
         "model.train_tokenizer is for language modelling"),
     Row("config-file-missing", "train {w}/nope.yaml", 2, "not found"),
+    Row("config-file-is-folder", "train {w}/data", 2, "is a folder; give the YAML file"),
+    Row("config-file-symlink-loop", "train {w}/data/loop.yaml", 2, "points back to itself (a loop)"),
+    Row("config-duplicate-section", "train {w}/data/twice.yaml", 2,
+        "line 3: key 'train' is given twice in one mapping (also line 1)"),
+    Row("override-alias-bomb", ["train", "{cfg}", "task.label_names=[&a [x,x,x,x,x,x,x,x,x], &b [*a,*a,*a,*a,*a,*a,*a,"
+                                "*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b], *c]"], 2, "uses YAML anchors and aliases"),
+    Row("override-long-value-echo", ["train", "{cfg}", "train.lr=" + "9" * 5000 + "x"], 2, "... (5003 characters)"),
     Row("config-file-bad-yaml", "train {w}/data/bad.yaml", 2, "is not valid YAML"),
     Row("config-file-list", "train {w}/data/list.yaml", 2, "must hold a mapping of sections"),
 )
@@ -427,6 +434,8 @@ def world(trained, tmp_path_factory):
                                         .encode("latin-1"))
     (data / "latin1.txt").write_bytes("fine line\ncaf\u00e9 au lait\n".encode("latin-1"))
     (data / "emptydir").mkdir()
+    (data / "loop.yaml").symlink_to(data / "loop.yaml")
+    (data / "twice.yaml").write_text("train:\n  lr: 1.0e-4\ntrain:\n  epochs: 1\n")
     (data / "pairs.tsv").write_text("source\ttarget\ngood morning\tbonjour\ngood night\tbonne nuit\n")
     (w / "unknown_arch").mkdir()  # a model folder of a type transformers does not know
     (w / "unknown_arch" / "config.json").write_text(json.dumps({"model_type": "nope", "architectures": ["NopeForCausalLM"]}))
