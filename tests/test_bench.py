@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import ROOT
 
@@ -132,3 +133,55 @@ def test_labelled_logits_bench_runs_on_a_tiny_setting(tmp_path):
     assert [table[m]["actual_mode"] for m in ("full", "gather", "chunked")] == ["off", "gather", "chunked"]
     assert table["gather"]["loss"] == table["chunked"]["loss"] == table["full"]["loss"] or (
         abs(table["chunked"]["loss"] - table["full"]["loss"]) < 1e-3 * abs(table["full"]["loss"]))
+
+
+@pytest.fixture(scope="module")
+def sft_vs_trl_tiny(tmp_path_factory):
+    """One tiny run of `python -m bench sft_vs_trl` (2 steps + 2 profiled ones per arm; dist-train's packing is
+    left out: the text_to_text tests cover it)."""
+    tmp = tmp_path_factory.mktemp("sft")
+    out = tmp / "sft.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-m", "bench", "sft_vs_trl", "--tiny", "--steps", "2", "--rounds", "1",
+                             "--profile", "--arms", "dist_train,trl,trl_packed,trainer", "--work", str(tmp / "work"),
+                             "--out", str(out)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return json.loads(out.read_text()), out.read_text(), result.stdout, tmp
+
+
+def test_sft_vs_trl_bench_runs_dist_train_and_trainer_on_a_tiny_setting(sft_vs_trl_tiny):
+    """dist-train and Trainer fine-tune a tiny Gemma 3 with LoRA on the same batches: the same targets per step,
+    the same losses; throughput, memory and a profile by phase come back; the results hold no absolute path."""
+    data, text, stdout, tmp = sft_vs_trl_tiny
+    for arm in ("dist_train", "trainer"):
+        (run,) = data["runs"][arm]
+        assert run["steps"] == 4 and run["timed_steps"] == 1 and run["target_tokens_per_s"] > 0, (arm, run)
+        assert run["peak_rss_mb"] > 0 and run["peak_rss_process_mb"] >= run["peak_rss_mb"] * 0.99
+        assert run["trainable_params"] == data["runs"]["dist_train"][0]["trainable_params"] > 0
+        assert set(run["profile"]["ms_per_step"]) >= {"output layer + loss", "attention (SDPA)", "optimizer + clipping"}
+    check = data["checks"]["trainer"]
+    assert check["same_target_tokens_per_step"] and check["max_step_loss_diff"] < 1e-4, check
+    assert data["ratios"]["dist_train/trainer"]["target_tokens_per_s"] > 0
+    assert str(ROOT) not in text and str(tmp) not in text
+    assert "median target tokens/s: dist_train " in stdout
+    if data["skipped"]:  # only the arms that cannot run here, each with its reason
+        assert set(data["skipped"]) <= {"trl", "trl_packed"} and all(data["skipped"].values())
+
+
+def test_sft_vs_trl_bench_runs_the_trl_arms_on_a_tiny_setting(sft_vs_trl_tiny):
+    """TRL's SFTTrainer without packing trains on dist-train's batches with the same losses; with packing its
+    packed rows keep their examples apart (block-diagonal attention from the position ids, on CPU with SDPA)."""
+    pytest.importorskip("trl", reason="trl is not installed (pip install '.[bench]'): the TRL arms were skipped")
+    data, _, stdout, _ = sft_vs_trl_tiny
+    for arm in ("trl", "trl_packed"):
+        (run,) = data["runs"][arm]
+        assert run["target_tokens_per_s"] > 0 and run["peak_rss_mb"] > 0, (arm, run)
+    check = data["checks"]["trl"]
+    assert check["same_target_tokens_per_step"] and check["max_step_loss_diff"] < 1e-4, check
+    # Packing changes the batches, not the examples: every target token is trained on once.
+    assert sum(data["runs"]["trl_packed"][0]["target_tokens"]) == sum(data["runs"]["trl"][0]["target_tokens"])
+    packing = data["packing_check"]
+    assert packing["keeps_examples_apart"] and packing["max_abs_diff"] < 1e-4 < packing["max_abs_diff_plain_causal"]
+    assert data["trl_best"]["speed"] in ("trl", "trl_packed")
+    assert "ratio dist_train/trl_best" in stdout and "(goal >= 1.5)" in stdout
