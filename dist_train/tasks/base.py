@@ -95,6 +95,20 @@ class Task(abc.ABC):
         """Read, check and tokenize ``data.train`` / ``validation`` / ``test`` (cached); learn from train what
         the model needs (a label map)."""
 
+    def splits_around(self, train) -> Splits:
+        """The splits of a run given its tokenized ``train``: ``data.validation`` and ``data.test`` through
+        ``split``, or, without a validation file, ``data.validation_split`` of train carved off."""
+        d = self.cfg.data
+        validation = test = None
+        if d.validation:
+            validation = self.split(d.validation, "data.validation")
+        elif d.validation_split > 0:
+            parts = train.train_test_split(test_size=d.validation_split, seed=d.split_seed)
+            train, validation = parts["train"], parts["test"]
+        if d.test:
+            test = self.split(d.test, "data.test")
+        return Splits(train, validation, test)
+
     @abc.abstractmethod
     def split(self, path, what: str):
         """One more file of the kind ``prepare`` reads, tokenized with what training learned (``what`` names

@@ -171,15 +171,7 @@ class TextToTextTask(Task):
         rows = self.read(d.train, "data.train")
         self._pick_shots(rows)
         train = self._tokenize(rows)
-        validation = test = None
-        if d.validation:
-            validation = self.split(d.validation, "data.validation")
-        elif d.validation_split > 0:
-            parts = train.train_test_split(test_size=d.validation_split, seed=d.split_seed)
-            train, validation = parts["train"], parts["test"]
-        if d.test:
-            test = self.split(d.test, "data.test")
-        return Splits(train, validation, test)
+        return self.splits_around(train)
 
     def split(self, path, what: str):
         return self._tokenize(self.read(path, what))

@@ -94,15 +94,7 @@ class TokenClassificationTask(Task):
                             f"({', '.join(map(str, classes))})")
         self.labels = LabelMap(values=classes, names=list(names) if names else [str(c) for c in classes])
         train = self._tokenize(raw, d.train, "data.train")
-        validation = test = None
-        if d.validation:
-            validation = self.split(d.validation, "data.validation")
-        elif d.validation_split > 0:
-            parts = train.train_test_split(test_size=d.validation_split, seed=d.split_seed)
-            train, validation = parts["train"], parts["test"]
-        if d.test:
-            test = self.split(d.test, "data.test")
-        return Splits(train, validation, test)
+        return self.splits_around(train)
 
     def split(self, path, what: str):
         raw = read_tagged(path, self.cfg.data, what)
