@@ -92,8 +92,6 @@ class TextToTextAuto:
 
 
 class TextToTextTask(Task):
-    lm_loss = True
-    can_pack = True
     name = "text_to_text"
     metrics = ("loss", "perplexity", *(key for keys in FAMILIES.values() for key in keys))
     lower_is_better = frozenset({"loss", "perplexity"})
@@ -102,6 +100,8 @@ class TextToTextTask(Task):
     can_predict = True
     can_generate = True
     generates_text = True
+    lm_loss = True
+    can_pack = True
     task_fields = frozenset({"template", "chat_template", "few_shot", "generation_metrics", "validation_generations",
                              "max_new_tokens", "num_beams", "stop_at_newline"})
 
