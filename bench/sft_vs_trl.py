@@ -1,8 +1,8 @@
 """LLM fine-tuning: dist-train against TRL's SFTTrainer and transformers' Trainer, the same LoRA job.
 
     python -m bench sft_vs_trl                          # Gemma 3 270M + LoRA, 16 steps x 3 rounds
-    python -m bench sft_vs_trl --rounds 1 --steps 8     # a small run (the one in bench/results)
-    python -m bench sft_vs_trl --profile                # + torch.profiler over 2 more steps of every arm, by phase
+    python -m bench sft_vs_trl --rounds 2 --steps 7 --profile   # the small run in bench/results
+    python -m bench sft_vs_trl --profile                # + 2 more steps of every arm under torch.profiler
     python -m bench sft_vs_trl --tiny                   # a tiny random Gemma 3 and its own small tokenizer: a smoke run
 
 The job: Gemma 3 270M (models/gemma-3-270m, `make gemma`), LoRA r=16, alpha=32, dropout 0 on the q, k, v, o,
@@ -18,17 +18,22 @@ truncates anything and all of them train on the same tokens), one epoch of them.
     trl                TRL SFTTrainer, prompt-completion data, completion_only_loss, packing off; fed
                        dist-train's batches in dist-train's order (sequential sampler)
     trl_packed         TRL SFTTrainer with packing=True (best-fit packing, padding-free rows)
+    trl_gc             `trl` with TRL's own default gradient_checkpointing=True (the other TRL arms turn it
+                       off, as no other arm recomputes activations)
     trainer            transformers Trainer, DataCollatorForSeq2Seq (labels -100 on prompt and padding), the
                        model's own loss over the full logits; fed dist-train's batches like `trl`
 
 Every arm runs in a fresh process; rounds alternate the arms (A B C ... A B C ...); the results are medians.
 Target tokens per second counts the tokens that carry the loss, from the end of the first optimizer step to
-the end of the last (model loading, data preparation and dist-train's export are outside it). Peak memory is
-the process's peak resident set (getrusage ru_maxrss) at the end of its last step (and of the whole process,
-export included), plus torch.cuda.max_memory_allocated on a GPU. The final loss is the mean of the last
---loss-steps step losses; `trl` and `trainer` train on exactly dist_train's batches (their per-step target
-counts are checked to be equal), so their losses compare step by step. The packed arms see the same examples
-in other batches: compare their epoch loss (target-weighted mean over the epoch). Results: printed and written
+the end of the last timed one (model loading, data preparation and dist-train's export are outside it; a
+packed epoch's short batch is not timed when it comes last). Peak memory is the process's peak resident set
+(getrusage ru_maxrss) at the end of the last timed step (and of the whole process, export included), plus
+torch.cuda.max_memory_allocated on a GPU. --profile adds 2 steps after the timed ones under torch.profiler;
+their time and memory are not counted (the profiler's own records raise the resident set by up to 2 GB).
+The final loss is the mean of the last --loss-steps timed step losses; `trl`, `trl_gc` and `trainer` train on
+exactly dist_train's batches (their per-step target counts are checked to be equal), so their losses compare
+step by step. The packed arms see the same examples in other batches: compare their epoch loss (the
+target-weighted mean over the epoch). Results: printed and written
 to bench/results/sft_vs_trl.json (--tiny: sft_vs_trl_tiny.json).
 """
 
@@ -49,8 +54,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTED = time.perf_counter()  # an arm's step times count from its process's start (after Python's own)
-ARMS = ("dist_train", "dist_train_packed", "trl", "trl_packed", "trainer")
-TRL_ARMS = ("trl", "trl_packed")
+ARMS = ("dist_train", "dist_train_packed", "trl", "trl_packed", "trl_gc", "trainer")
+TRL_ARMS = ("trl", "trl_packed", "trl_gc")
 DIST_ARMS = ("dist_train", "dist_train_packed")
 CONFIG = "configs/translate_en_fr.yaml"
 DATA = "data/bible/en_fr/train.tsv"
@@ -70,6 +75,7 @@ DESCRIBE = {
     "dist_train_packed": "the same with data.packing=true",
     "trl": "TRL SFTTrainer, completion-only loss, packing off, dist-train's batches (sequential sampler)",
     "trl_packed": "TRL SFTTrainer, completion-only loss, packing=True (bfd, padding-free)",
+    "trl_gc": "TRL SFTTrainer at its default gradient_checkpointing=True, otherwise as trl",
     "trainer": "transformers Trainer, DataCollatorForSeq2Seq, full logits, dist-train's batches",
 }
 
@@ -239,8 +245,7 @@ def run_arm(a, arm: str, spec: dict, work: Path, round_: int) -> dict:
 def summarise(a, x: dict) -> dict:
     """Tokens/s over steps 2..T-P (P profiled steps at the end), final and epoch loss."""
     ends, counts, losses = x["step_end_s"], x["target_tokens"], x["losses"]
-    steps = len(ends)
-    last = steps - x.get("profiled_steps", 0)  # the last timed step (1-based)
+    steps, last = len(ends), x["timed_last"]  # the last timed step (1-based)
     if last < 2:
         sys.exit(f"{x['arm']}: {steps} steps leave no timed step after the first; give more --steps")
     timed = sum(counts[1:last])
@@ -248,9 +253,17 @@ def summarise(a, x: dict) -> dict:
     k = min(a.loss_steps, last)
     x.update(steps=steps, timed_steps=last - 1, target_tokens_timed=timed, seconds_timed=seconds,
              target_tokens_per_s=timed / seconds, final_loss=statistics.fmean(losses[last - k:last]),
-             epoch_loss=sum(l * c for l, c in zip(losses[:last], counts[:last])) / sum(counts[:last]),
-             positions_per_target_token=sum(x["input_positions"][:last]) / sum(counts[:last]))
+             epoch_loss=sum(l * c for l, c in zip(losses, counts)) / sum(counts),
+             positions_per_target_token=sum(x["input_positions"][:last]) / sum(counts[:last]),
+             peak_rss_mb=x["rss_mb_by_step"][last - 1],
+             peak_gpu_mb=x["gpu_mb_by_step"][last - 1] if x["gpu_mb_by_step"] else None)
     return x
+
+
+def timed_last(batches: int, partial: bool, profiled: int) -> int:
+    """The last timed step of an epoch of ``batches`` steps: before the profiled ones, and before a short last
+    batch (which is then trained on, neither timed nor profiled)."""
+    return batches - profiled - (1 if partial else 0)
 
 
 def machine(cuda: bool) -> dict:
@@ -295,8 +308,6 @@ def main() -> None:
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     p.add_argument("--profile", action="store_true",
                    help="2 more steps per arm under torch.profiler: CPU time by phase (untimed)")
-    p.add_argument("--trl-gradient-checkpointing", action="store_true",
-                   help="TRL's own default (recompute activations); off by default: no other arm recomputes")
     p.add_argument("--tiny", action="store_true", help="a tiny random Gemma 3 with a 1,000-token BPE (smoke test)")
     p.add_argument("--work", default=None, help="working folder (default output/bench_sft/gemma or .../tiny)")
     p.add_argument("--out", default=None, help="results JSON (default bench/results/sft_vs_trl[_tiny].json)")
@@ -338,17 +349,17 @@ def main() -> None:
     # dist-train's batches, from its own code: `trl` and `trainer` are fed them in order (sequential sampling).
     plan = dist_plan(overrides["dist_train"])
     write_pairs(work / "ordered.tsv", [rows[i] for b in plan for i in b])
-    packed_steps = len(dist_plan(overrides["dist_train_packed"])) if "dist_train_packed" in arms else None
+    packed = dist_plan(overrides["dist_train_packed"]) if "dist_train_packed" in arms else [[0]]
     from transformers import AutoConfig
 
     mcfg = AutoConfig.from_pretrained(model)
     base = {"model": str(model), "work": str(work), "threads": a.threads, "max_length": a.max_length,
-            "steps": steps, "profiled_steps": extra, "cuda": cuda, "hp": HP, "config": CONFIG,
-            "trl_gradient_checkpointing": a.trl_gradient_checkpointing, "vocab": mcfg.vocab_size,
-            "intermediate": mcfg.intermediate_size}
+            "steps": steps, "timed_last": a.steps, "profiled_steps": extra, "cuda": cuda, "hp": HP,
+            "config": CONFIG, "vocab": mcfg.vocab_size, "intermediate": mcfg.intermediate_size}
     specs = {"dist_train": {**base, "overrides": overrides["dist_train"]},
-             "dist_train_packed": {**base, "overrides": overrides["dist_train_packed"], "steps": packed_steps},
-             **{arm: {**base, "data": str(work / "ordered.tsv")} for arm in ("trl", "trl_packed", "trainer")}}
+             "dist_train_packed": {**base, "overrides": overrides["dist_train_packed"], "steps": len(packed),
+                                   "timed_last": timed_last(len(packed), len(packed[-1]) < HP["micro_batch"], extra)},
+             **{arm: {**base, "data": str(work / "ordered.tsv")} for arm in ("trl", "trl_packed", "trl_gc", "trainer")}}
 
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
     for r in range(a.rounds):
@@ -391,7 +402,7 @@ def main() -> None:
         "machine": machine(cuda), "versions": versions(),
         "settings": {**HP, "max_length": a.max_length, "steps": a.steps, "profiled_steps": extra,
                      "rounds": a.rounds, "threads": a.threads, "examples": len(rows), "template": TEMPLATE,
-                     "loss_steps": a.loss_steps, "trl_gradient_checkpointing": a.trl_gradient_checkpointing,
+                     "loss_steps": a.loss_steps, "gradient_checkpointing": "trl_gc only",
                      "timed": "end of optimizer step 1 to the end of the last (unprofiled) step",
                      "memory": "ru_maxrss at the last step" + (" (and CUDA max_memory_allocated)" if cuda else "")},
         "data": {"file": DATA, "examples": len(rows), "target_tokens": total_targets,
@@ -404,6 +415,10 @@ def main() -> None:
         "trl_best": best, "ratios": ratios, "goals": GOALS}
     if "trl_packed" in runs:
         result["packing_check"] = runs["trl_packed"][0]["packing_check"]
+    if a.profile:
+        result["profile_median_ms_per_step"] = {
+            arm: {k: statistics.median(x["profile"]["ms_per_step"][k] for x in rs)
+                  for k in rs[0]["profile"]["ms_per_step"]} for arm, rs in runs.items()}
     out = Path(a.out or ROOT / "bench" / "results" / f"sft_vs_trl{'_tiny' if a.tiny else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -416,7 +431,7 @@ def consistency(runs: dict) -> dict:
     if "dist_train" not in runs:
         return out
     ref = runs["dist_train"][0]
-    for arm in ("trl", "trainer"):
+    for arm in ("trl", "trl_gc", "trainer"):
         if arm in runs:
             x = runs[arm][0]
             out[arm] = {"same_target_tokens_per_step": x["target_tokens"] == ref["target_tokens"],
@@ -434,8 +449,10 @@ def report(result: dict, arms: list[str]) -> None:
           + "; epoch loss: " + ", ".join(f"{k} {v['epoch_loss']:.4f}" for k, v in median.items()))
     for name, r in result["ratios"].items():
         if name.endswith("/trl_best"):
-            print(f"ratio {name} ({result['trl_best']['speed']}): target tokens/s {r['target_tokens_per_s']:.2f} "
-                  f"(goal >= 1.5), peak memory {r['peak_memory']:.2f} (goal <= 0.5)")
+            best = result["trl_best"]
+            print(f"ratio {name} ({best['speed']}): target tokens/s {r['target_tokens_per_s']:.2f} (goal >= 1.5), "
+                  f"peak memory {r['peak_memory']:.2f} (goal <= 0.5); peak memory against the leanest TRL arm "
+                  f"({best['memory']}) {r['peak_memory_vs_leanest_trl']:.2f}")
     for arm, c in result["checks"].items():
         print(f"check {arm}: same target tokens per step as dist_train {c['same_target_tokens_per_step']}, step-1 "
               f"loss differs by {c['step1_loss_diff']:.2e}, at most {c['max_step_loss_diff']:.2e} over the steps")
@@ -456,16 +473,18 @@ class Clock:
     """Every optimizer step's end time, peak memory and trainable parameters, through torch's global optimizer
     hook (the same for every framework); optionally a torch.profiler window over the last steps."""
 
-    def __init__(self, spec: dict, total_steps: int | None):
+    def __init__(self, spec: dict, timed_last: int | None):
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
-        self.spec, self.ends, self.rss, self.gpu, self.params = spec, [], 0.0, None, None
-        self.prof, self.profile = None, None
+        self.spec, self.ends, self.rss, self.gpu, self.params = spec, [], [], [], None
+        self.prof, self.profile, self.timed_last = None, None, timed_last
         register_optimizer_step_post_hook(self.hook)
-        if spec["profiled_steps"] and total_steps:
-            self.start_profiler(total_steps)
+        if spec["profiled_steps"] and timed_last:
+            self.start_profiler(timed_last)
 
-    def start_profiler(self, total_steps: int) -> None:
+    def start_profiler(self, timed_last: int) -> None:
+        """Record the ``profiled_steps`` steps after ``timed_last``: the timed steps' time and memory are taken
+        before the profiler records anything."""
         import torch
 
         active = self.spec["profiled_steps"]
@@ -473,16 +492,16 @@ class Clock:
                                                        if self.spec["cuda"] else [])
         self.prof = torch.profiler.profile(
             activities=acts, record_shapes=True, on_trace_ready=self.ready,
-            schedule=torch.profiler.schedule(wait=total_steps - active, warmup=0, active=active, repeat=1))
+            schedule=torch.profiler.schedule(wait=timed_last, warmup=0, active=active, repeat=1))
         self.prof.start()
 
     def hook(self, optimizer, *_):
         import torch
 
         self.ends.append(time.perf_counter() - STARTED)
-        self.rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         if self.spec["cuda"]:
-            self.gpu = torch.cuda.max_memory_allocated() / 2**20
+            self.gpu.append(torch.cuda.max_memory_allocated() / 2**20)
         if self.params is None:
             self.params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
         if self.prof is not None:
@@ -494,11 +513,12 @@ class Clock:
     def finish(self) -> dict:
         if self.prof is not None:
             self.prof.stop()
-        out = {"step_end_s": self.ends, "peak_rss_mb": self.rss, "peak_gpu_mb": self.gpu,
-               "trainable_params": self.params, "profiled_steps": self.spec["profiled_steps"]}
+        out = {"step_end_s": self.ends, "rss_mb_by_step": self.rss, "gpu_mb_by_step": self.gpu,
+               "trainable_params": self.params, "profiled_steps": self.spec["profiled_steps"],
+               "timed_last": self.timed_last}
         if self.profile is not None:
-            n = self.spec["profiled_steps"]
-            self.profile["wall_ms_per_step"] = 1000 * (self.ends[-1] - self.ends[-1 - n]) / n
+            n, last = self.spec["profiled_steps"], self.timed_last
+            self.profile["wall_ms_per_step"] = 1000 * (self.ends[last + n - 1] - self.ends[last - 1]) / n
             out["profile"] = self.profile
         return out
 
@@ -558,7 +578,7 @@ def dist_train_arm(spec: dict) -> dict:
 
     from dist_train.tasks.text_to_text import TextToTextTask
 
-    clock = Clock(spec, spec["steps"])
+    clock = Clock(spec, spec["timed_last"])
     counts, positions = [], []
     count = TextToTextTask.count
 
@@ -627,7 +647,7 @@ def hf_arm(spec: dict) -> dict:
         data = Dataset.from_dict({"prompt": [prompt_of(s) for s, _ in pairs],
                                   "completion": [f" {t}" for _, t in pairs]})
         args = SFTConfig(**common, max_length=spec["max_length"], packing=packed, completion_only_loss=True,
-                         gradient_checkpointing=spec["trl_gradient_checkpointing"],
+                         gradient_checkpointing=arm == "trl_gc",
                          model_init_kwargs={"dtype": torch.float32})
         trainer = SFTTrainer(model=spec["model"], args=args, train_dataset=data, processing_class=tok, peft_config=lora)
     else:
@@ -649,8 +669,11 @@ def hf_arm(spec: dict) -> dict:
         model = get_peft_model(model, lora)
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=Dataset.from_dict(features),
                           data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
-    total = spec["steps"] if not packed else math.ceil(len(trainer.train_dataset) / hp["micro_batch"])
-    clock = Clock(spec, total)
+    last = spec["timed_last"]
+    if packed:  # the packed rows' count is known once TRL has packed them
+        rows = len(trainer.train_dataset)
+        last = timed_last(math.ceil(rows / hp["micro_batch"]), rows % hp["micro_batch"] != 0, spec["profiled_steps"])
+    clock = Clock(spec, last)
     losses, counts, positions = [], [], []
     step = trainer.training_step
 
