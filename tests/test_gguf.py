@@ -19,6 +19,19 @@ gguf = pytest.importorskip("gguf")
 TEXT = "The cat sat on the mat, 42 times!"
 
 
+
+def _writer(path, arch: str, hidden: int, layers: int, inter: int, heads: int, kv: int):
+    """A GGUF writer with the hyperparameters every architecture here declares alike."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny {arch}")
+    w.add_context_length(128)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    return w
+
 def _tensor(rng, *shape):
     return (rng.standard_normal(shape) * 0.1).astype(np.float32)
 
@@ -32,14 +45,7 @@ def write_gemma3(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
     pieces = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-") + ["\u2581"]
     pieces += ["\u2581t", "\u2581th", "\u2581the", "he", "in", "\u2581a", "er", "an", "on", "\u2581c", "at", "is"]
     tokens = special + byte_tokens + pieces
-    w = gguf.GGUFWriter(str(path), "gemma3")
-    w.add_name("tiny gemma3")
-    w.add_context_length(128)
-    w.add_embedding_length(hidden)
-    w.add_block_count(layers)
-    w.add_feed_forward_length(inter)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
+    w = _writer(path, "gemma3", hidden, layers, inter, heads, kv)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(1e-6)
@@ -88,14 +94,7 @@ def write_llama(path: Path, seed: int = 1) -> dict[str, np.ndarray]:
     head_dim = hidden // heads
     merged = ["\u0120t", "\u0120th", "\u0120the", "he", "in", "at"]
     tokens = ["<|begin|>", "<|end|>"] + list(bytes_to_unicode().values()) + merged
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny llama")
-    w.add_context_length(128)
-    w.add_embedding_length(hidden)
-    w.add_block_count(layers)
-    w.add_feed_forward_length(inter)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
+    w = _writer(path, "llama", hidden, layers, inter, heads, kv)
     w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
