@@ -140,7 +140,7 @@ def select_rows(a, model: Path, pairs, n: int):
             chosen.append((s, t))
             if len(chosen) == n:
                 return chosen
-    sys.exit(f"only {len(chosen)} pairs of {DATA} fit --max-length {a.max_length}; {n} are needed")
+    sys.exit(f"only {len(chosen)} pairs of {a.data} fit --max-length {a.max_length}; {n} are needed")
 
 
 def dist_overrides(a, arm: str, work: Path, model: Path, steps: int) -> list[str]:
@@ -309,6 +309,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true",
                    help="2 more steps per arm under torch.profiler: CPU time by phase (untimed)")
     p.add_argument("--tiny", action="store_true", help="a tiny random Gemma 3 with a 1,000-token BPE (smoke test)")
+    p.add_argument("--data", default=DATA, help="parallel text: a TSV with source and target columns "
+                   f"(default {DATA}, from `make bible`)")
     p.add_argument("--work", default=None, help="working folder (default output/bench_sft/gemma or .../tiny)")
     p.add_argument("--out", default=None, help="results JSON (default bench/results/sft_vs_trl[_tiny].json)")
     p.add_argument("--arm-spec", help=argparse.SUPPRESS)
@@ -317,16 +319,19 @@ def main() -> None:
         return arm_main(json.loads(Path(a.arm_spec).read_text()))
     a.rounds = a.rounds or (1 if a.tiny else 3)
     a.steps = a.steps or (4 if a.tiny else 16)
+    a.data = ROOT / DATA if a.data == DATA else Path(a.data).resolve()
     os.chdir(ROOT)
     arms = [x for x in a.arms.split(",") if x]
     if unknown := set(arms) - set(ARMS):
         sys.exit(f"--arms: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ARMS)}")
     work = Path(a.work or ROOT / "output" / "bench_sft" / ("tiny" if a.tiny else "gemma")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    pairs = read_pairs(ROOT / DATA)
+    if not Path(a.data).is_file():
+        sys.exit(f"--data {a.data} is missing: run `make bible`, or name a TSV with source and target columns")
+    pairs = read_pairs(a.data)
     model = build_tiny(work, pairs) if a.tiny else ROOT / "models" / "gemma-3-270m"
     if not (model / "config.json").exists():
-        sys.exit(f"{rel(model)} is missing: run `make gemma` (and `make bible` for {DATA})")
+        sys.exit(f"{rel(model)} is missing: run `make gemma`")
     extra = 2 if a.profile else 0
     steps = a.steps + extra
     rows = select_rows(a, model, pairs, steps * HP["micro_batch"])
@@ -405,7 +410,7 @@ def main() -> None:
                      "loss_steps": a.loss_steps, "gradient_checkpointing": "trl_gc only",
                      "timed": "end of optimizer step 1 to the end of the last (unprofiled) step",
                      "memory": "ru_maxrss at the last step" + (" (and CUDA max_memory_allocated)" if cuda else "")},
-        "data": {"file": DATA, "examples": len(rows), "target_tokens": total_targets,
+        "data": {"file": rel(a.data), "examples": len(rows), "target_tokens": total_targets,
                  "selection": f"the first {len(rows)} pairs of a seeded (42) permutation of the file whose prompt "
                               f"+ target + EOS fit {a.max_length} tokens"},
         "arms": {arm: DESCRIBE[arm] for arm in arms},

@@ -137,14 +137,18 @@ def test_labelled_logits_bench_runs_on_a_tiny_setting(tmp_path):
 
 @pytest.fixture(scope="module")
 def sft_vs_trl_tiny(tmp_path_factory):
-    """One tiny run of `python -m bench sft_vs_trl` (3 steps + 2 profiled ones per arm; dist-train's packing and
+    """One tiny run of `python -m bench sft_vs_trl` (6 steps + 2 profiled ones per arm; dist-train's packing and
     TRL with gradient checkpointing are left out to save time)."""
     tmp = tmp_path_factory.mktemp("sft")
     out = tmp / "sft.json"
+    # Committed text as "parallel" pairs (16 words -> the next 16), about as long as Bible verses.
+    words = (ROOT / "data" / "corpus" / "austen.txt").read_text()[100_000:160_000].replace('"', "").split()
+    chunks = [" ".join(words[i:i + 16]) for i in range(0, len(words) - 16, 16)]
+    (tmp / "pairs.tsv").write_text("source\ttarget\n" + "".join(f"{s}\t{t}\n" for s, t in zip(chunks[::2], chunks[1::2])))
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    result = subprocess.run([sys.executable, "-m", "bench", "sft_vs_trl", "--tiny", "--steps", "3", "--rounds", "1",
+    result = subprocess.run([sys.executable, "-m", "bench", "sft_vs_trl", "--tiny", "--steps", "6", "--rounds", "1",
                              "--profile", "--arms", "dist_train,trl,trl_packed,trainer", "--work", str(tmp / "work"),
-                             "--out", str(out)],
+                             "--data", str(tmp / "pairs.tsv"), "--out", str(out)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return json.loads(out.read_text()), out.read_text(), result.stdout, tmp
@@ -156,7 +160,7 @@ def test_sft_vs_trl_bench_runs_dist_train_and_trainer_on_a_tiny_setting(sft_vs_t
     data, text, stdout, tmp = sft_vs_trl_tiny
     for arm in ("dist_train", "trainer"):
         (run,) = data["runs"][arm]
-        assert run["steps"] == 5 and run["timed_steps"] == 2 and run["target_tokens_per_s"] > 0, (arm, run)
+        assert run["steps"] == 8 and run["timed_steps"] == 5 and run["target_tokens_per_s"] > 0, (arm, run)
         assert run["peak_rss_mb"] > 0 and run["peak_rss_process_mb"] >= run["peak_rss_mb"] * 0.99
         assert run["trainable_params"] == data["runs"]["dist_train"][0]["trainable_params"] > 0
         assert set(run["profile"]["ms_per_step"]) >= {"output layer + loss", "attention (SDPA)", "optimizer + clipping"}
