@@ -157,8 +157,8 @@ class TaskConfig:
     per text or text pair), ``causal_lm`` (next-token prediction, GPT-style) or ``masked_lm`` (BERT-style
     masked tokens); ``multi_label``: any number of labels per text; ``regression``: one number per text or
     text pair; ``token_classification``: one tag per word, e.g. named entities; ``text_to_text``: a target text
-    per source text (translation, summaries, answers) with a decoder-only or encoder-decoder model
-    (docs/tasks.md)."""
+    per source text (translation, summaries, answers) with a decoder-only or encoder-decoder model;
+    ``question_answering``: the answer to a question as a span of its context, SQuAD-style (docs/tasks.md)."""
     label_names: Optional[list[str]] = None
     """Display names for the labels, in sorted order of the label values (e.g. ``[negative, positive]`` for 0/1)."""
     label_all_tokens: bool = False
@@ -209,6 +209,16 @@ class TaskConfig:
     stop_at_newline: bool = field(default=True, metadata=MAY_CHANGE)
     """text_to_text: keep a generated text up to its first line break (a base model goes on after its answer;
     one-line targets end there). False for targets of several lines."""
+    stride: int = 128
+    """question_answering: a context longer than fits ``data.max_length`` (with its question) is read in
+    windows that overlap by this many tokens, so that an answer cut by one window's edge lies whole in the
+    next; less than ``data.max_length``."""
+    max_answer_length: int = field(default=30, metadata=MAY_CHANGE)
+    """question_answering: the longest answer span predicted, in tokens."""
+    null_threshold: float = field(default=0.0, metadata=MAY_CHANGE)
+    """question_answering, with unanswerable questions in the training data (SQuAD 2.0): answer "no answer"
+    when the no-answer score (start and end logits at the first token, the lowest over an example's
+    windows) exceeds the best span's by more than this; raise it for fewer "no answer"s."""
     target_range: Optional[list[float]] = None
     """regression: ``[low, high]``, the range of the targets (e.g. ``[0, 5]`` for STS-B). The model learns
     them scaled to [0, 1]; reports and predictions are in the data's units again. A target outside the range
@@ -495,7 +505,8 @@ SYNONYMS = {
     "model_config": "config",
     # task
     "task": "name", "task_name": "name", "type": "name", "label_list": "label_names",
-    "mlm_prob": "mlm_probability",
+    "mlm_prob": "mlm_probability", "doc_stride": "stride", "max_answer_len": "max_answer_length",
+    "null_score_diff_threshold": "null_threshold",
     # engine
     "backend": "kind", "zero": "zero_stage", "stage": "zero_stage", "timeout": "timeout_s",
     # checkpoint
@@ -707,6 +718,9 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "task.validation_generations": (0, None, "["),
     "task.max_new_tokens": (1, None, "["),
     "task.num_beams": (1, None, "["),
+    "task.stride": (1, None, "["),
+    "task.max_answer_length": (1, None, "["),
+    "task.null_threshold": (None, None, "[]"),
     "train.seed": (0, SEED_MAX, "[]"),
     "train.epochs": (0, None, "["),
     "train.max_steps": (0, None, "["),
@@ -833,7 +847,8 @@ def _check_pooling(cfg: Config, task) -> None:
 
 # Task fields that only some tasks read (their ``task_fields``): set under another task, they are an error.
 TASK_ONLY_FIELDS = ("template", "label_words", "chat_template", "few_shot", "generation_metrics",
-                    "validation_generations", "max_new_tokens", "num_beams", "stop_at_newline")
+                    "validation_generations", "max_new_tokens", "num_beams", "stop_at_newline", "stride",
+                    "max_answer_length", "null_threshold")
 
 
 def _check_unused(section: TaskConfig, task) -> None:

@@ -13,7 +13,7 @@ def evaluate(engine, task, ds, batch_size: int, what: str = "test") -> dict:
     """Run the model over ``ds`` (this rank's share) and return the task's report, reduced over ranks, with
     what the task adds (``generation_report``: scores of generated text). ``what`` names the split."""
     plan = eval_plan(task.lengths(ds), batch_size, engine.rank, engine.world_size)
-    evaluator = task.evaluator(engine.device)
+    evaluator = task.evaluator(engine.device, ds)
     was_training = engine.model.training
     engine.train(False)
     for batch, (_, weight) in zip(task.loader(ds, [b for b, _ in plan], EVAL_EPOCH), plan):

@@ -145,12 +145,12 @@ class ModelInUse:
         return back
 
     def predict_file(self, path: str, out_path: str, batch_size: int) -> int:
-        texts, pairs, column = self.task.read_texts(path)
+        texts, pairs, columns = self.task.read_texts(path)
         results = self.predict(texts, pairs, batch_size)
         out = Path(out_path)
         out.parent.mkdir(parents=True, exist_ok=True)  # (checked writable before inference: check_output_file)
         # A pair model's rows show both texts, under the input's column names.
-        inputs = [[column, texts]] + ([[self.task.cfg.data.text_pair_column, pairs]] if pairs is not None else [])
+        inputs = [[columns[0], texts]] + ([[columns[1], pairs]] if pairs is not None else [])
         with open(out, "w") as fh:  # plain TSV like the input: no quoting, tabs/newlines in text become spaces
             for i, prediction in enumerate(results):
                 columns = self.task.prediction_columns(prediction)

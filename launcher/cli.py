@@ -150,6 +150,13 @@ def cmd_predict(args) -> int:
     from dist_train.errors import UserError
     from dist_train.inference import ModelInUse
 
+    if (args.question is None) != (args.context is None):
+        raise UserError("predict: --question and --context go together (a question_answering model answers a "
+                        "question from its context)")
+    if args.question is not None:
+        if args.texts or args.file:
+            raise UserError("predict: give --question/--context, texts, or --file FILE; not several")
+        args.texts = [args.question, args.context]
     if bool(args.texts) == bool(args.file):
         raise UserError("predict: give either texts to classify or --file FILE (with --output FILE)")
     if args.file and not args.output:
@@ -157,6 +164,9 @@ def cmd_predict(args) -> int:
     if args.output and not args.file:
         raise UserError("predict: --output goes with --file FILE; texts given on the command line are printed")
     folder, max_length = _model_folder(args, "predict")
+    if args.question is not None and folder.task != "question_answering":
+        raise UserError(f"predict: --question/--context are for question_answering models; MODEL_DIR "
+                        f"'{args.model_dir}' is a {folder.task} model: give its texts")
     model = ModelInUse(folder, _options(args, max_length), args.precision)
     if args.file:
         n = model.predict_file(args.file, args.output, args.batch_size)
@@ -377,8 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict labels for texts or a file")
     model_args(p)
-    p.add_argument("texts", nargs="*", help="texts to classify (a model of text pairs: FIRST SECOND per pair)")
-    p.add_argument("--file", help="a .tsv/.csv/.jsonl/.parquet file with a text column")
+    p.add_argument("texts", nargs="*", help="texts to classify (a model of text pairs: FIRST SECOND per pair; "
+                   "question answering: QUESTION CONTEXT per question)")
+    p.add_argument("--question", help="question answering: the question (with --context)")
+    p.add_argument("--context", help="question answering: the text that holds the answer")
+    p.add_argument("--file", help="a .tsv/.csv/.jsonl/.parquet file with a text column (question answering: "
+                   "SQuAD JSON, or JSON lines / a table with question and context)")
     p.add_argument("--output", help="where --file's predictions go (TSV)")
     p.set_defaults(func=cmd_predict)
 

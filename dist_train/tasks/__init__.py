@@ -16,6 +16,7 @@ TASKS = {
     "masked_lm": "dist_train.tasks.language_modeling:MaskedLMTask",
     "token_classification": "dist_train.tasks.token_classification:TokenClassificationTask",
     "text_to_text": "dist_train.tasks.text_to_text:TextToTextTask",
+    "question_answering": "dist_train.tasks.question_answering:QuestionAnsweringTask",
 }
 
 

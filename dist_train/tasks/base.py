@@ -14,7 +14,7 @@ Training (``dist_train/trainer.py``), on every rank:
   4. ``build_model()``;
   5. each step: ``loader(split, batches, epoch)``, then per micro-batch ``inputs(batch)``, ``count(batch)``,
      ``loss_sum(outputs, batch)`` and ``tokens(batch)``;
-  6. each evaluation (``dist_train/evaluate.py``): ``evaluator(device)`` -> ``update(outputs, batch)`` per
+  6. each evaluation (``dist_train/evaluate.py``): ``evaluator(device, split)`` -> ``update(outputs, batch)`` per
      batch -> ``compute(all_reduce_sum)``; ``maximize(metric)`` says which way the metric is better;
   7. every checkpoint and the final export: ``export_meta()`` and ``save_extras(folder)``.
 
@@ -200,8 +200,8 @@ class Task(abc.ABC):
 
     # -- evaluation --------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def evaluator(self, device):
-        """Additive evaluation state on ``device``: ``update(outputs, batch)``, then
+    def evaluator(self, device, ds):
+        """Additive evaluation state on ``device`` for the split ``ds``: ``update(outputs, batch)``, then
         ``compute(all_reduce_sum) -> report`` (the same report on every rank, every example counted once)."""
 
     @classmethod
@@ -302,8 +302,8 @@ class Task(abc.ABC):
         """The columns ``predict --file`` writes for one input row (after the text)."""
         raise NotImplementedError
 
-    def read_texts(self, path: str) -> tuple[list[str], list[str] | None, str]:
-        """(texts, pairs or None, name of the text column) of a file to predict on."""
+    def read_texts(self, path: str) -> tuple[list[str], list[str] | None, list[str]]:
+        """(texts, pairs or None, the names of their columns) of a file to predict on."""
         from dist_train.data.sources import read_table, require_columns
 
         d = self.cfg.data
@@ -314,7 +314,7 @@ class Task(abc.ABC):
         require_columns(ds, path, columns)
         texts = [t or "" for t in ds[d.text_column]]
         pairs = [t or "" for t in ds[d.text_pair_column]] if d.text_pair_column else None
-        return texts, pairs, d.text_column
+        return texts, pairs, list(columns.values())
 
 
 class SumEvaluator:

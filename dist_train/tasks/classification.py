@@ -78,7 +78,7 @@ class ClassificationTask(SequenceTask):
         """Summed (not averaged) cross-entropy over the batch's examples."""
         return F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum")
 
-    def evaluator(self, device):
+    def evaluator(self, device, ds=None):
         return ClassificationEvaluator(self, device)
 
     # -- export and use --------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ class LanguageModelTask(Task):
     def view(ds):
         return ds
 
-    def evaluator(self, device):
+    def evaluator(self, device, ds=None):
         return SumEvaluator(self, device)
 
     def export_meta(self) -> dict:

@@ -63,7 +63,7 @@ class MultiLabelTask(ClassificationTask):
         probs = torch.sigmoid(logits.float())
         return probs, probs > self.cfg.task.threshold
 
-    def evaluator(self, device):
+    def evaluator(self, device, ds=None):
         return MultiLabelEvaluator(self, device)
 
     # -- export and use --------------------------------------------------------------------------------

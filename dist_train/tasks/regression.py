@@ -75,7 +75,7 @@ class RegressionTask(SequenceTask):
         pred = outputs.logits.float().squeeze(-1)
         return torch.nn.functional.mse_loss(pred, self.scaled(batch["labels"]).float(), reduction="sum")
 
-    def evaluator(self, device):
+    def evaluator(self, device, ds=None):
         return RegressionEvaluator(self, device)
 
     # -- export and use --------------------------------------------------------------------------------

@@ -307,7 +307,7 @@ class TextToTextTask(Task):
         """Summed cross-entropy over the target tokens (decoder-only: position t predicts token t+1)."""
         return self.loss(outputs, batch["labels"])
 
-    def evaluator(self, device):
+    def evaluator(self, device, ds=None):
         return SumEvaluator(self, device)
 
     # -- generation ------------------------------------------------------------------------------------

@@ -150,7 +150,7 @@ class TokenClassificationTask(Task):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), batch["labels"].view(-1), ignore_index=-100,
                                reduction="sum")
 
-    def evaluator(self, device):
+    def evaluator(self, device, ds=None):
         return TagEvaluator(self, device)
 
     # -- export and use --------------------------------------------------------------------------------
@@ -167,13 +167,13 @@ class TokenClassificationTask(Task):
 
         self.labels = LabelMap.load(folder, AutoConfig.from_pretrained(folder))
 
-    def read_texts(self, path: str) -> tuple[list[str], list[str] | None, str]:
+    def read_texts(self, path: str) -> tuple[list[str], list[str] | None, list[str]]:
         """A text column, or a column of token lists (JSON lines as in training: joined with spaces)."""
         if is_conll(path):
             raise UserError(f"predict: --file '{path}': give a .jsonl/.parquet file with a text (or token list) "
                             "column, or a .tsv/.csv one with a text column")
-        texts, _, column = super().read_texts(path)
-        return [" ".join(t) if isinstance(t, list) else t for t in texts], None, column
+        texts, _, columns = super().read_texts(path)
+        return [" ".join(t) if isinstance(t, list) else t for t in texts], None, columns
 
     @torch.no_grad()
     def predict(self, engine, texts: list[str], pairs: list[str] | None, batch_size: int) -> list[dict]:
