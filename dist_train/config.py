@@ -74,6 +74,10 @@ class ModelConfig:
     """Allow model folders to run their own Python code. Off unless you trust the folder."""
     train_tokenizer: TokenizerTrainConfig = field(default_factory=lambda: TokenizerTrainConfig())
     """Train a new tokenizer on ``data.train`` first (language modelling from scratch)."""
+    keep_layers: Optional[Union[int, list[int]]] = field(default=None, metadata=FIXED)
+    """A smaller copy of ``pretrained``: keep only these of its transformer layers (a list of indices, e.g.
+    ``[0, 2, 4]``) or every k-th one (an int k: layers 0, k, 2k, ...), initialised from its weights; the
+    export is the stock architecture with fewer layers. The student of a distillation (``distill``)."""
     lora: Optional[LoraConfig] = field(default=None, metadata=FIXED)
     """Fine-tune ``pretrained`` with LoRA adapters instead of all weights, e.g. ``{r: 8, alpha: 16}``; null =
     full fine-tuning. Checkpoints then hold only the trained tensors; ``final/`` is a plain model with the
@@ -226,6 +230,20 @@ class TaskConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: Optional[str] = None
+    """A fine-tuned model folder of the same task and labels (a dist-train ``final/`` or export) whose
+    outputs the model learns to imitate; null = no distillation. It runs beside the model in inference
+    mode on every process, whole (not sharded by ZeRO-3 or FSDP2), and is never saved in checkpoints."""
+    temperature: float = 2.0
+    """Softens both models' distributions before they are compared (classification, token
+    classification, question answering: KL(teacher || student) at this temperature, times its square)."""
+    weight: float = 0.5
+    """The share of the teacher's loss: loss = (1 - weight) x the task's loss on the labels + weight x the
+    loss against the teacher; 1 = the teacher alone."""
+
+
+@dataclass
 class TrainConfig:
     seed: int = 42
     """Seed for model init, dropout and data order: the same config and seed give identical weights on CPU."""
@@ -361,6 +379,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig, metadata=FIXED)
     task: TaskConfig = field(default_factory=TaskConfig, metadata=FIXED)
     train: TrainConfig = field(default_factory=TrainConfig, metadata=FIXED)
+    distill: DistillConfig = field(default_factory=DistillConfig, metadata=FIXED)
     engine: EngineConfig = field(default_factory=EngineConfig, metadata=MAY_CHANGE)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=MAY_CHANGE)
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=MAY_CHANGE)
@@ -719,6 +738,8 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "task.max_new_tokens": (1, None, "["),
     "task.num_beams": (1, None, "["),
     "task.stride": (1, None, "["),
+    "distill.temperature": (0, None, "("),
+    "distill.weight": (0, 1, "[]"),
     "task.max_answer_length": (1, None, "["),
     "task.null_threshold": (None, None, "[]"),
     "train.seed": (0, SEED_MAX, "[]"),
@@ -806,6 +827,32 @@ def _check_stop_signals(names: list[str]) -> None:
         hint = f"did you mean '{fixed}'? " if fixed in STOP_SIGNALS else ""
         raise UserError(f"config: checkpoint.stop_signals: '{name}' cannot be a stop signal; {hint}use any of "
                         f"{', '.join(STOP_SIGNALS)}")
+
+
+def _check_distill(cfg: Config, task) -> None:
+    from dist_train.tasks import TASKS, task_class
+
+    d, keep = cfg.distill, cfg.model.keep_layers
+    if keep is not None:
+        if cfg.model.pretrained is None:
+            raise UserError("config: model.keep_layers copies layers of model.pretrained, which is not set; give "
+                            "model.pretrained (the teacher's folder), or fewer layers in model.config")
+        if isinstance(keep, list) and (not keep or any(isinstance(i, bool) or not isinstance(i, int) or i < 0
+                                                       for i in keep) or len(set(keep)) != len(keep)):
+            raise UserError(f"config: model.keep_layers {keep}: give distinct layer indices (0 = the first), "
+                            "e.g. [0, 2, 4], or an int k for every k-th layer")
+        if not isinstance(keep, list) and keep < 1:
+            raise UserError(f"config: model.keep_layers must be an int >= 1 (every k-th layer) or a list, got {keep}")
+    if d.teacher is None:
+        defaults = DistillConfig()
+        for name in ("temperature", "weight"):
+            if getattr(d, name) != getattr(defaults, name):
+                raise UserError(f"config: distill.{name} is set but distill.teacher is not; give the teacher's "
+                                "folder, or remove it")
+        return
+    if not task.can_distill:
+        able = ", ".join(n for n in TASKS if task_class(n).can_distill)
+        raise UserError(f"config: distill.teacher: distillation is for {able}; {cfg.task.name} does not offer it")
 
 
 def _check_lora(m: ModelConfig, task) -> None:
@@ -908,6 +955,7 @@ def validate(cfg: Config) -> None:
     if m.lora is not None:
         _check_lora(m, task)
     _check_pooling(cfg, task)
+    _check_distill(cfg, task)
     tables = task.reads_tables
     if d.train_rows is not None and not tables:
         raise UserError(f"config: data.train_rows subsets labelled rows; {cfg.task.name} trains on a text corpus "

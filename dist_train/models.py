@@ -122,6 +122,8 @@ def _build(model_cfg, auto_class, tokenizer, max_length: int, peft_task_type: st
     if model_cfg.pretrained is not None:
         model, fresh = load_pretrained(model_cfg.pretrained, auto_class, model_cfg.trust_remote_code, **head_kwargs)
         _check_fits(model.config, tokenizer, max_length, "model.pretrained")
+        if model_cfg.keep_layers is not None:
+            keep_layers(model, model_cfg.keep_layers)
         if getattr(model.config, "pad_token_id", 0) is None and tokenizer.pad_token_id is not None:
             # A decoder's sequence classifier finds each row's last real token through pad_token_id; without
             # it transformers refuses batches of more than one row.
@@ -147,6 +149,41 @@ def _build(model_cfg, auto_class, tokenizer, max_length: int, peft_task_type: st
     except Exception as exc:  # noqa: BLE001 - transformers validates many keys only when it builds the layers
         raise UserError(f"model.config: transformers cannot build a {model_type} model from it: "
                         f"{_first_line(exc)}") from None
+
+
+LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers")
+"""Config keys that hold the number of transformer layers, by model family."""
+
+
+def keep_layers(model, keep) -> list[int]:
+    """Cut ``model`` to the layers ``keep`` names (indices, or an int k: every k-th from the first), in place:
+    the transformer's layer list (the module list as long as the config's layer count) and the config."""
+    from torch import nn
+
+    config = model.config
+    key = next((k for k in LAYER_COUNTS if isinstance(getattr(config, k, None), int)), None)
+    if key is None:
+        raise UserError(f"model.keep_layers: the {config.model_type} config has no layer count "
+                        f"({', '.join(LAYER_COUNTS)}); build a smaller model with model.config instead")
+    n = getattr(config, key)
+    indices = list(range(0, n, keep)) if isinstance(keep, int) else sorted(keep)
+    if max(indices) >= n:
+        raise UserError(f"model.keep_layers {keep}: model.pretrained has {n} layers (0..{n - 1})")
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not found:
+        raise UserError(f"model.keep_layers: no list of {n} layers in this {config.model_type} model")
+    name, layers = found[0]
+    parent, _, attr = name.rpartition(".")
+    kept = nn.ModuleList([layers[i] for i in indices])
+    setattr(model.get_submodule(parent) if parent else model, attr, kept)
+    for new, layer in enumerate(kept):  # decoders index their cache by layer
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new
+    setattr(config, key, len(indices))
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in indices]
+    return indices
 
 
 def _check_fits(config, tokenizer, max_length: int, what: str) -> None:

@@ -23,6 +23,7 @@ from dist_train import stopping
 from dist_train.checkpoint import CheckpointManager, complete, read_state, set_aside
 from dist_train.config import Config, dump_yaml
 from dist_train.data.sampler import step_windows, train_plan
+from dist_train.distill import Distiller
 from dist_train.engine import build_engine
 from dist_train.errors import RunFailed, UserError
 from dist_train.evaluate import evaluate
@@ -144,6 +145,8 @@ class Run:
         s.total_steps = t.max_steps if t.max_steps > 0 else s.step + steps_left(
             t.epochs, self.plan_len, self.window, s.epoch, s.batches_done)
         e.prepare(model, lambda m: build_optimizer(m, t), lambda opt: build_scheduler(opt, t, s.total_steps))
+        # The loss of a step: the task's, or with distill.teacher the task's mixed with the teacher's.
+        self.loss_sum = Distiller(cfg, self.task, e).loss_sum if cfg.distill.teacher else self.task.loss_sum
 
         def describe(folder):  # what export needs besides the weights
             export_model(e.unwrapped, self.tokenizer, folder, self.task, weights=False)
@@ -252,7 +255,7 @@ class Run:
         n_global = n_global.clamp(min=1)  # a step without targets (e.g. nothing masked) adds zero, not NaN
         sums = torch.zeros(3, dtype=torch.float64, device=e.device)  # loss sum, examples, tokens
         for i, (b, w) in enumerate(micro):
-            loss_sum = task.loss_sum(e.forward(**task.inputs(b)), b) * w
+            loss_sum = self.loss_sum(e.forward(**task.inputs(b)), b) * w
             e.backward(loss_sum / n_global, sync=i == len(micro) - 1)
             sums += torch.stack([loss_sum.detach().double(), sums.new_tensor(len(b["input_ids"]) * w),
                                  task.tokens(b).double() * w])

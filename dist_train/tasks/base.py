@@ -187,6 +187,21 @@ class Task(abc.ABC):
         """The loss SUMMED over the batch's targets: the loop divides by the global target count, so every
         target weighs the same however batches are split over micro-batches and ranks."""
 
+    def soft_loss_sum(self, outputs, teacher, batch: dict, temperature: float) -> torch.Tensor:
+        """The loss of ``outputs`` against a teacher's ``teacher`` outputs on the same batch, SUMMED over the
+        same targets ``count`` counts (distillation); only tasks with ``can_distill``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def soft_kl_sum(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        """T^2 x KL(softmax(teacher / T) || softmax(student / T)) over the last dimension, summed over rows
+        (Hinton et al.: the T^2 keeps the gradient's scale as T changes)."""
+        import torch.nn.functional as F
+
+        t = temperature
+        return F.kl_div(F.log_softmax(student.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
+                        log_target=True, reduction="sum") * t * t
+
     @staticmethod
     def tokens(batch: dict) -> torch.Tensor:
         """Real (non-pad) input tokens in the batch, for throughput and MFU."""
@@ -249,6 +264,8 @@ class Task(abc.ABC):
     """Whether the loss is a language model's over the vocabulary (``model.labelled_logits`` applies)."""
     can_pack: ClassVar[bool] = False
     """Whether ``data.packing`` applies (several examples per row, each attending to itself)."""
+    can_distill: ClassVar[bool] = False
+    """Whether ``distill.teacher`` applies (``soft_loss_sum`` compares the model's outputs with a teacher's)."""
     task_fields: ClassVar[frozenset[str]] = frozenset()
     """Which of the task fields that only some tasks read (``config.TASK_ONLY_FIELDS``) this one reads."""
 

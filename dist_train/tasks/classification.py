@@ -78,6 +78,9 @@ class ClassificationTask(SequenceTask):
         """Summed (not averaged) cross-entropy over the batch's examples."""
         return F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum")
 
+    def soft_loss_sum(self, outputs, teacher, batch: dict, temperature: float) -> torch.Tensor:
+        return self.soft_kl_sum(outputs.logits, teacher.logits, temperature)
+
     def evaluator(self, device, ds=None):
         return ClassificationEvaluator(self, device)
 

@@ -58,6 +58,12 @@ class MultiLabelTask(ClassificationTask):
         """Binary cross-entropy summed over every (example, label) pair."""
         return F.binary_cross_entropy_with_logits(outputs.logits.float(), batch["labels"].float(), reduction="sum")
 
+    def soft_loss_sum(self, outputs, teacher, batch: dict, temperature: float) -> torch.Tensor:
+        """T^2 x binary cross-entropy against the teacher's probability of each label at temperature T."""
+        t = temperature
+        return F.binary_cross_entropy_with_logits(outputs.logits.float() / t, torch.sigmoid(teacher.logits.float() / t),
+                                                  reduction="sum") * t * t
+
     def predicted(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, which labels are predicted: probability above ``task.threshold``)."""
         probs = torch.sigmoid(logits.float())

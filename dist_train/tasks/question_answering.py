@@ -98,6 +98,7 @@ class QuestionAnsweringTask(Task):
     peft_task_type = "QUESTION_ANS"
     summary = ("loss", "exact_match", "f1")
     can_predict = True
+    can_distill = True
     task_fields = frozenset({"stride", "max_answer_length", "null_threshold"})
 
     def __init__(self, cfg):
@@ -191,6 +192,10 @@ class QuestionAnsweringTask(Task):
 
     def evaluator(self, device, ds=None):
         return SpanEvaluator(self, device, ds)
+
+    def soft_loss_sum(self, outputs, teacher, batch: dict, temperature: float) -> torch.Tensor:
+        return (self.soft_kl_sum(outputs.start_logits, teacher.start_logits, temperature)
+                + self.soft_kl_sum(outputs.end_logits, teacher.end_logits, temperature)) / 2
 
     def spans(self, outputs, batch: dict) -> torch.Tensor:
         return best_spans(outputs.start_logits, outputs.end_logits, batch["offsets"], batch["attention_mask"],

@@ -75,6 +75,11 @@ class RegressionTask(SequenceTask):
         pred = outputs.logits.float().squeeze(-1)
         return torch.nn.functional.mse_loss(pred, self.scaled(batch["labels"]).float(), reduction="sum")
 
+    def soft_loss_sum(self, outputs, teacher, batch: dict, temperature: float) -> torch.Tensor:
+        """Squared distance to the teacher's prediction (a number has no temperature)."""
+        return torch.nn.functional.mse_loss(outputs.logits.float().squeeze(-1), teacher.logits.float().squeeze(-1),
+                                            reduction="sum")
+
     def evaluator(self, device, ds=None):
         return RegressionEvaluator(self, device)
 

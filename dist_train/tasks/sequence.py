@@ -35,6 +35,7 @@ def read_rows(path: str, data_cfg):
 
 class SequenceTask(Task):
     can_predict = True
+    can_distill = True
     poolable = True
     peft_task_type = "SEQ_CLS"  # one head over the sequence (classification, multi-label, regression)
     numbered: bool = False

@@ -62,6 +62,7 @@ class TokenClassificationTask(Task):
     peft_task_type = "TOKEN_CLS"
     summary = ("loss", "entity_f1", "entity_precision", "entity_recall", "token_accuracy")
     can_predict = True
+    can_distill = True
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -152,6 +153,11 @@ class TokenClassificationTask(Task):
 
     def evaluator(self, device, ds=None):
         return TagEvaluator(self, device)
+
+    def soft_loss_sum(self, outputs, teacher, batch: dict, temperature: float) -> torch.Tensor:
+        """Over the labelled pieces only, as the loss on the tags."""
+        labelled = batch["labels"] != -100
+        return self.soft_kl_sum(outputs.logits[labelled], teacher.logits[labelled], temperature)
 
     # -- export and use --------------------------------------------------------------------------------
     def export_meta(self) -> dict:
