@@ -53,6 +53,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from paths import rel  # noqa: E402 - results hold no machine paths
 STARTED = time.perf_counter()  # an arm's step times count from its process's start (after Python's own)
 ARMS = ("dist_train", "dist_train_packed", "trl", "trl_packed", "trl_gc", "trainer")
 TRL_ARMS = ("trl", "trl_packed", "trl_gc")
@@ -78,15 +80,6 @@ DESCRIBE = {
     "trl_gc": "TRL SFTTrainer at its default gradient_checkpointing=True, otherwise as trl",
     "trainer": "transformers Trainer, DataCollatorForSeq2Seq, full logits, dist-train's batches",
 }
-
-
-def rel(path) -> str:
-    """A path as the results show it: relative to the repository, never absolute."""
-    path = Path(path).resolve()
-    try:
-        return str(path.relative_to(ROOT))
-    except ValueError:
-        return f"<work>/{path.name}"
 
 
 # -- the parent: data, rounds, medians -----------------------------------------------------------------------
