@@ -1,5 +1,5 @@
 """The ``dist-train`` command: train, launch, submit, eval, zero-shot, predict, generate, export, convert, tokenizer,
-report.
+report, config.
 
 Mistakes in the input end as one line on stderr and exit status 2, never a traceback.
 """
@@ -47,6 +47,24 @@ def cmd_train(args) -> int:
     # A missing file is named by its key, before any work.
     task_class(cfg.task.name).check_files(cfg.data)
     return train(cfg).get("exit_code", 0)
+
+
+def cmd_config(args) -> int:
+    from dist_train.errors import UserError
+
+    if args.reference:
+        if args.config:
+            raise UserError("config: --reference prints every key of every config; give no CONFIG with it")
+        from dist_train.config_reference import reference
+
+        print(reference(), end="")
+        return 0
+    if not args.config:
+        raise UserError("config: give a CONFIG file to print with every default filled in, or --reference")
+    from dist_train.config import dump_yaml, load_config
+
+    print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
 
 
 def cmd_launch(args) -> int:
@@ -439,6 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("config", help="print a config with every default filled in (checked as train checks it), "
+                       "or --reference: every config key with its type, default, range and meaning")
+    p.add_argument("config", nargs="?", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-5")
+    p.add_argument("--reference", action="store_true", help="print the config reference (docs/config-reference.md)")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("report", help="draw a run's curves (or several runs overlaid) as a PNG")
     p.add_argument("runs", nargs="+", help="run folders (output_dir of dist-train train)")

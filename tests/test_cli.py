@@ -91,5 +91,5 @@ def test_version_and_every_command_in_help():
     assert version.returncode == 0 and version.stdout.strip() == f"dist-train {__version__}"
     shown = run_cli("--help").stdout
     for command in ("train", "launch", "submit", "eval", "zero-shot", "predict", "generate", "export", "convert",
-                    "tokenizer", "report"):
+                    "tokenizer", "report", "config"):
         assert command in shown, command

@@ -147,3 +147,30 @@ class _Marked:
 @dataclasses.dataclass
 class _Unmarked:
     bare: int = 0
+
+
+# -- the config reference -------------------------------------------------------------------------------------
+def test_the_config_reference_page_is_what_the_code_generates():
+    """docs/config-reference.md = `dist-train config --reference`: every key, with a docstring, a default and
+    its resume policy (regenerate the page when this fails: dist-train config --reference > docs/config-reference.md)."""
+    from dist_train.config import resume_policies
+    from dist_train.config_reference import entries, reference
+
+    page = (ROOT / "docs" / "config-reference.md").read_text()
+    assert page == reference(), "docs/config-reference.md is stale: dist-train config --reference > docs/config-reference.md"
+    keys = {e["key"] for e in entries()}
+    assert set(resume_policies()) <= keys and "model.lora.r" in keys
+    assert all(e["doc"] and e["default"] and e["on_resume"] in ("fixed", "may change") for e in entries())
+    lr = next(e for e in entries() if e["key"] == "train.lr")
+    assert (lr["default"], lr["range"], lr["on_resume"]) == ("5.0e-05", "> 0", "fixed")
+    assert "### `distill.weight`\n\ntype `float` · default `0.5` · range in [0, 1] · on resume: fixed" in page
+
+
+def test_config_command_prints_the_config_with_its_defaults(tmp_path):
+    shown = run_cli("config", "configs/sentiment.yaml", "train.lr=3e-5")
+    assert shown.returncode == 0, shown.stderr
+    (tmp_path / "full.yaml").write_text(shown.stdout)
+    full = load_config(str(tmp_path / "full.yaml"))
+    assert full.train.lr == 3e-5 and full.train.micro_batch_size == 32 and full.distill.teacher is None
+    both = run_cli("config", "configs/sentiment.yaml", "--reference")
+    assert both.returncode == 2 and "give no CONFIG with it" in both.stderr
