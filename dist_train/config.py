@@ -688,10 +688,15 @@ def _short(value: Any) -> str:
     return text if len(text) <= MAX_ECHO else f"{text[:MAX_ECHO]}... ({len(text)} characters)"
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config, apply ``a.b=value`` overrides, and return the validated Config."""
+def load_config(path: str | Path | dict | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or take a dict of its sections), apply ``a.b=value`` overrides, and return the
+    validated Config."""
     tree: dict = {}
-    if path is not None:
+    if isinstance(path, dict):
+        import copy
+
+        tree = copy.deepcopy(path)
+    elif path is not None:
         path = Path(path)
         problem = _config_file_problem(path)
         if problem:

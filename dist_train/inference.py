@@ -9,7 +9,7 @@ from pathlib import Path
 from dist_train.deploy import ONNX_FILE, OnnxModel
 from dist_train.engine import SingleEngine
 from dist_train.errors import UserError
-from dist_train.evaluate import evaluate
+from dist_train.evaluation import evaluate
 from dist_train.export import read_meta
 from dist_train.models import _first_line, check_weights, resolve_model_path
 from dist_train.run_dir import can_write_in

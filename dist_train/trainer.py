@@ -26,7 +26,7 @@ from dist_train.data.sampler import step_windows, train_plan
 from dist_train.distill import Distiller
 from dist_train.engine import build_engine
 from dist_train.errors import RunFailed, UserError
-from dist_train.evaluate import evaluate
+from dist_train.evaluation import evaluate
 from dist_train.export import export_model, publish
 from dist_train.faults import Faults
 from dist_train.host_memory import reuse_freed_memory

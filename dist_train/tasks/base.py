@@ -14,7 +14,7 @@ Training (``dist_train/trainer.py``), on every rank:
   4. ``build_model()``;
   5. each step: ``loader(split, batches, epoch)``, then per micro-batch ``inputs(batch)``, ``count(batch)``,
      ``loss_sum(outputs, batch)`` and ``tokens(batch)``;
-  6. each evaluation (``dist_train/evaluate.py``): ``evaluator(device, split)`` -> ``update(outputs, batch)`` per
+  6. each evaluation (``dist_train/evaluation.py``): ``evaluator(device, split)`` -> ``update(outputs, batch)`` per
      batch -> ``compute(all_reduce_sum)``; ``maximize(metric)`` says which way the metric is better;
   7. every checkpoint and the final export: ``export_meta()`` and ``save_extras(folder)``.
 

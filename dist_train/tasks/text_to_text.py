@@ -406,7 +406,7 @@ class TextToTextTask(Task):
     def zero_shot(self, split: str) -> dict:
         """The untrained model through the same evaluation as training's (k-shot: ``task.few_shot``)."""
         from dist_train.engine import SingleEngine
-        from dist_train.evaluate import evaluate
+        from dist_train.evaluation import evaluate
 
         self.cfg.model.lora = None  # the model as it is (adapters would start as a no-op anyway)
         self.load_tokenizer()
