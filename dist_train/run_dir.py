@@ -124,6 +124,11 @@ def preflight(cfg, resuming: bool | None = None, check_lock: bool = True) -> Non
     if resuming:
         return
     existing = existing_run(out)
+    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if foreign and not existing:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise UserError(f"output_dir '{out}' holds files that are not a dist-train run's ({shown}); give a new or "
+                        "empty folder (a run writes config.yaml, checkpoints/ and final/ into it)")
     # resume=auto that found no checkpoint starts fresh over what an early-ended attempt left behind;
     # a finished run or damaged checkpoints are never replaced without overwrite.
     leftovers_only = cfg.checkpoint.resume == "auto" and not (out / "final").exists() and not any(

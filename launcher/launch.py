@@ -171,6 +171,8 @@ def preflight(cfg, nnodes: int = 1) -> None:
         check_weights(resolve_model_path(m.pretrained), "model.pretrained")
     if m.tokenizer is not None:
         resolve_model_path(m.tokenizer, "model.tokenizer")
+    if cfg.distill.teacher is not None:
+        check_weights(resolve_model_path(cfg.distill.teacher, "distill.teacher"), "distill.teacher")
     task_class(cfg.task.name).check_files(cfg.data)
     if cfg.train.precision == "fp16" and not _has_cuda():
         raise UserError("train.precision=fp16 needs a CUDA GPU; on CPU use train.precision=bf16 (or fp32)")

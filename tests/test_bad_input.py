@@ -226,6 +226,10 @@ OUTPUT_DIRS = rows(
     Row("output-dir-under-file", "train {cfg} output_dir={w}/data/train.tsv/out", 2, "cannot be created"),
     Row("output-dir-not-writable", "train {cfg} output_dir=/proc/dist-train-out", 2, "not writable"),
     Row("output-dir-holds-run", "train {cfg} output_dir={w}/run", 2, "already holds a run"),
+    Row("output-dir-holds-other-files", "train {cfg} output_dir={w}/data", 2,
+        "holds files that are not a dist-train run's ("),
+    Row("output-dir-other-files-overwrite", "train {cfg} output_dir={w}/data overwrite=true", 2,
+        "holds files that are not a dist-train run's ("),
 )
 
 USE = rows(
@@ -353,6 +357,10 @@ LAUNCH = rows(
         "data.validation=null data.test=null task.label_names=null", 2, "data.train: no file matches"),
     Row("launch-output-holds-run", "launch {cfg} --nproc-per-node 2 output_dir={w}/run", 2, "already holds a run"),
     Row("launch-output-is-file", "launch {cfg} --nproc-per-node 2 output_dir={w}/data/train.tsv", 2, "is a file"),
+    Row("launch-output-holds-other-files", "launch {cfg} --nproc-per-node 2 output_dir={w}/data", 2,
+        "holds files that are not a dist-train run's"),
+    Row("launch-teacher-missing", "launch {cfg} --nproc-per-node 2 distill.teacher={w}/noteacher", 2,
+        "distill.teacher: '"),
     Row("launch-pretrained-missing", "launch {cfg} --nproc-per-node 2 model.config=null model.tokenizer=null "
         "model.pretrained={w}/nomodel", 2, "is not a local folder"),
     Row("launch-fp16-cpu", "launch {cfg} --nproc-per-node 2 train.precision=fp16", 2, "needs a CUDA GPU",
