@@ -306,8 +306,24 @@ def cmd_tokenizer(args) -> int:
     return 0
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """``--help`` names each option's default where it has a value (not for flags and unset options)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors as the one line every dist-train error is (argparse prints the usage first)."""
+    """argparse, with its errors as the one line every dist-train error is (argparse prints the usage first),
+    and every option's default in its help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsShown)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         command = self.prog.removeprefix("dist-train").strip()
@@ -353,14 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rdzv-endpoint", help="HOST:PORT of the rendezvous (multi-node)")
     p.add_argument("--rdzv-id", default="dist-train", help="rendezvous id shared by all nodes of a job")
     p.add_argument("--max-restarts", type=int, default=0, help="restart the worker group this many times")
-    p.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun")
+    p.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun",
+                   help="what starts the worker processes")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("submit", help="submit a training job to SLURM (sbatch), multi-node, with requeue")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides")
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=1, help="machines the job runs on")
     p.add_argument("--gpus-per-node", type=int, default=0, help="one training process per GPU (0 = CPU job)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="training processes per node of a CPU job")
     p.add_argument("--time", default="01:00:00", help="time limit, HH:MM:SS")
@@ -371,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem", help="memory per node, e.g. 64G")
     p.add_argument("--requeue", action="store_true", help="requeue when stopped by the time-limit signal")
     p.add_argument("--signal-lead", type=int, default=120, help="seconds before the limit to checkpoint and stop")
-    p.add_argument("--job-name", default="dist-train")
+    p.add_argument("--job-name", default="dist-train", help="the SLURM job's name")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script instead of submitting it")
     p.set_defaults(func=cmd_submit)
 
@@ -380,8 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--text-column", help="text column (default: the one the model was trained on)")
         p.add_argument("--text-pair-column", help="second text column for pair tasks")
         p.add_argument("--max-length", type=int, help="truncate to this many tokens (default: as trained)")
-        p.add_argument("--batch-size", type=int, default=64)
-        p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+        p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
+        p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                       help="compute precision (bf16: GPUs and CPUs with native bf16; fp16: CUDA GPUs)")
 
     p = sub.add_parser("eval", help="evaluate a model folder on a labelled file (language models: perplexity on text)")
     model_args(p)
@@ -434,8 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new folder for the tokenizer (Hugging Face format)")
     p.add_argument("--kind", choices=["bpe", "wordpiece"], default="bpe",
                    help="bpe: byte-level, GPT-2 style (causal LM); wordpiece: BERT style with [MASK] (masked LM)")
-    p.add_argument("--vocab-size", type=int, default=8000)
-    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=8000, help="tokens in the vocabulary, special ones included")
+    p.add_argument("--min-frequency", type=int, default=2, help="how often a piece must occur to enter it")
     p.add_argument("--lowercase", action="store_true")
     p.add_argument("--text-column", default="text", help="text column of .jsonl/.tsv/.csv/.parquet files")
     p.add_argument("--text-unit", choices=["line", "paragraph", "document"], default="line",
@@ -447,12 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompts", nargs="*", help="prompts to continue")
     p.add_argument("--file", help="a text file, one prompt per line")
     p.add_argument("--output", help="write one JSON line per prompt here instead of printing")
-    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int, default=50, help="the most tokens generated per prompt")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (deterministic)")
     p.add_argument("--top-p", type=float, default=0.95, help="sample from the smallest set of tokens with this mass")
     p.add_argument("--seed", type=int, default=1, help="the same seed and prompts give the same text")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="compute precision")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("config", help="print a config with every default filled in (checked as train checks it), "

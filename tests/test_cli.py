@@ -93,3 +93,17 @@ def test_version_and_every_command_in_help():
     for command in ("train", "launch", "submit", "eval", "zero-shot", "predict", "generate", "export", "convert",
                     "tokenizer", "report", "config"):
         assert command in shown, command
+
+
+def test_every_option_with_a_default_shows_it_in_help():
+    import argparse
+
+    from launcher.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name, parser in commands.items():
+        text = parser.format_help()
+        for action in parser._actions:
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert action.help, (name, action.option_strings)
+                assert f"(default: {action.default})" in " ".join(text.split()), (name, action.option_strings)
