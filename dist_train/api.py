@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dist_train.config import Config, load_config
+from dist_train.config import Config, load_config, to_dict
 from dist_train.errors import UserError
 
 __all__ = ["Config", "UserError", "evaluate", "load_config", "predict", "train"]
@@ -29,16 +29,10 @@ def train(config: Config | str | Path | dict, overrides: list[str] = ()) -> dict
     from dist_train.tasks import task_class
     from dist_train.trainer import train as run
 
-    cfg = config if isinstance(config, Config) and not overrides else load_config(
-        _tree(config) if isinstance(config, Config) else config, list(overrides))
-    task_class(cfg.task.name).check_files(cfg.data)
-    return run(cfg)
-
-
-def _tree(cfg: Config) -> dict:
-    from dist_train.config import to_dict
-
-    return to_dict(cfg)
+    if not isinstance(config, Config) or overrides:  # overrides on a Config: through its dict, validated again
+        config = load_config(to_dict(config) if isinstance(config, Config) else config, list(overrides))
+    task_class(config.task.name).check_files(config.data)
+    return run(config)
 
 
 def model_in_use(model_dir: str | Path, command: str, max_length: int | None = None, precision: str = "fp32",
