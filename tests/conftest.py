@@ -85,6 +85,19 @@ def execute(cmd, env_extra=None, timeout=900) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
 
 
+def cached_run(cache: dict, tmp: Path, cfg: Path, runs: dict, name: str, *extra, env=None, key=None):
+    """Train run ``name`` of ``runs`` ({name: (processes, overrides)}) into ``tmp/<key's first part>`` once per
+    ``key`` (default ``name``); returns (output folder, completed process). Without ``env`` the run must succeed."""
+    key = key or name
+    if key not in cache:
+        nproc, overrides = runs[name]
+        out = tmp / key.split("/")[0]
+        cache[key] = out, execute(worker_cmd(nproc, cfg, f"output_dir={out}", *overrides, *extra), env)
+        if env is None:
+            assert cache[key][1].returncode == 0, cache[key][1].stderr[-4000:]
+    return cache[key]
+
+
 def max_diff(a: Path, b: Path) -> float:
     """Largest absolute difference between the weights of two model folders (same tensor names)."""
     from safetensors.torch import load_file

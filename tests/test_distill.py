@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import NO_DROPOUT, cue_rows, execute, max_diff, snapshot, tiny_config, worker_cmd
+from conftest import NO_DROPOUT, cached_run, cue_rows, execute, max_diff, snapshot, tiny_config, worker_cmd
 from launcher.cli import main
 
 
@@ -129,15 +129,8 @@ _runs: dict = {}
 
 
 def run(work, name: str, *extra, env=None, key=None):
-    key = key or name
-    if key not in _runs:
-        tmp, cfg, _ = work
-        nproc, overrides = RUNS[name]
-        out = tmp / key.split("/")[0]
-        _runs[key] = out, execute(worker_cmd(nproc, cfg, f"output_dir={out}", *overrides, *extra), env)
-        if env is None:
-            assert _runs[key][1].returncode == 0, _runs[key][1].stderr[-4000:]
-    return _runs[key]
+    tmp, cfg, _ = work
+    return cached_run(_runs, tmp, cfg, RUNS, name, *extra, env=env, key=key)
 
 
 def records(out: Path, split: str) -> list[dict]:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import NO_DROPOUT, execute, max_diff, snapshot, tiny_config, worker_cmd
+from conftest import NO_DROPOUT, cached_run, max_diff, snapshot, tiny_config
 from launcher.cli import main
 
 FILLER = ("the a river stone green quiet morning house road window table garden letter music paper cloud "
@@ -79,15 +79,8 @@ _runs: dict = {}
 
 
 def run(work, name: str, *extra, env=None, key=None):
-    key = key or name
-    if key not in _runs:
-        tmp, cfg, _ = work
-        nproc, overrides = RUNS[name]
-        out = tmp / key.split("/")[0]
-        _runs[key] = out, execute(worker_cmd(nproc, cfg, f"output_dir={out}", *overrides, *extra), env)
-        if env is None:
-            assert _runs[key][1].returncode == 0, _runs[key][1].stderr[-4000:]
-    return _runs[key]
+    tmp, cfg, _ = work
+    return cached_run(_runs, tmp, cfg, RUNS, name, *extra, env=env, key=key)
 
 
 def records(out: Path, split: str) -> list[dict]:

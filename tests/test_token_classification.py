@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import NO_DROPOUT, execute, max_diff, snapshot, tiny_config, worker_cmd
+from conftest import NO_DROPOUT, cached_run, max_diff, snapshot, tiny_config
 from launcher.cli import main
 
 PER = [["alice"], ["bob"], ["zorblax"], ["quintana"], ["mary", "jane"]]
@@ -83,15 +83,8 @@ _runs: dict = {}
 
 def run(work, name: str, *extra, env=None, key=None):
     """Train ``name`` once per module (memoised by ``key``); returns (output folder, completed process)."""
-    key = key or name
-    if key not in _runs:
-        tmp, cfg = work
-        nproc, overrides = RUNS[name]
-        out = tmp / key.split("/")[0]
-        _runs[key] = out, execute(worker_cmd(nproc, cfg, f"output_dir={out}", *overrides, *extra), env)
-        if env is None:
-            assert _runs[key][1].returncode == 0, _runs[key][1].stderr[-4000:]
-    return _runs[key]
+    tmp, cfg = work
+    return cached_run(_runs, tmp, cfg, RUNS, name, *extra, env=env, key=key)
 
 
 def records(out: Path, split: str) -> list[dict]:
