@@ -148,8 +148,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print("median examples/s: " + ", ".join(f"{arm} {v:.1f}" for arm, v in median.items()))
-    goals = {"dist_train/trainer_grouped": " (goal >= 1.2)", "dist_train/seed": " (goal >= 3)"}
-    print("ratios: " + ", ".join(f"{k} {v:.2f}{goals.get(k, '')}" for k, v in ratios.items()))
+    print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     fed = {arm: rs[0]["input_tokens"] / real for arm, rs in runs.items() if "input_tokens" in rs[0]}
     print(f"token positions fed per real token ({real:,} real): " + ", ".join(f"{k} {v:.2f}" for k, v in fed.items())
           + ("; dist_train feeds bare's batches" if "dist_train" in runs else ""))

@@ -85,7 +85,7 @@ class ModelConfig:
     cls_only_last_layer: Union[bool, Literal["auto"]] = field(default="auto", metadata=MAY_CHANGE)
     """Sequence classifiers whose head reads [CLS] alone (BERT, RoBERTa, MiniLM...): compute the last layer's
     query, attention output and feed-forward for position 0 only (keys and values still for every token).
-    The same logits, loss and gradients for ~14% fewer FLOPs in MiniLM's 6 layers (1.12x measured); the model
+    The same logits, loss and gradients for ~14% fewer FLOPs in MiniLM's 6 layers (1.12-1.24x faster measured, docs/performance.md); the model
     and its exports stay stock. ``auto``: wherever it applies (not with LoRA, token or LM tasks); ``true``: required; ``false``: off
     (docs/performance.md)."""
     labelled_logits: Union[bool, Literal["auto"]] = field(default="auto", metadata=MAY_CHANGE)
@@ -339,7 +339,8 @@ class CheckpointConfig:
     """Validation metric that picks the best checkpoint (e.g. accuracy, f1_macro, loss, perplexity);
     null = the task's first (classification: accuracy; language modelling: loss)."""
     mode: Optional[Literal["max", "min"]] = None
-    """Whether a larger or smaller ``metric`` is better; null = min for loss and perplexity, else max."""
+    """Whether a larger or smaller ``metric`` is better; null = the task's own direction: min for loss and the other
+    error measures (perplexity, mse, hamming_loss), max for the rest."""
     load_best_at_end: bool = True
     """Export the best checkpoint (by ``metric`` on validation) to ``final/`` rather than the last one."""
     every_epoch: bool = True

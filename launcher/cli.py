@@ -251,14 +251,14 @@ def cmd_export(args) -> int:
 
         if args.adapter_only:
             raise UserError("export: --onnx writes the whole model; drop --adapter-only")
-        result, check = export_onnx(args.checkpoint, args.out_dir, args.quantize)
-        print(f"exported {args.checkpoint} to {result} (ONNX {args.quantize or 'fp32'}; checked on {check['inputs']} "
+        result, check = export_onnx(args.source, args.out_dir, args.quantize)
+        print(f"exported {args.source} to {result} (ONNX {args.quantize or 'fp32'}; checked on {check['inputs']} "
               f"texts: logits within {check['max_abs_diff']:.1e} of PyTorch's, {check['agreement']:.0%} same predictions)")
         return 0
     # Paths are checked before export_checkpoint consolidates the weights (the slow part).
-    ckpt, out = Path(args.checkpoint), Path(args.out_dir)
+    ckpt, out = Path(args.source), Path(args.out_dir)
     if not ckpt.exists():
-        raise UserError(f"export: CHECKPOINT '{ckpt}' does not exist; give a folder like "
+        raise UserError(f"export: '{ckpt}' does not exist; give a checkpoint folder like "
                         "output_dir/checkpoints/step-N")
     steps = checkpoints(ckpt / "checkpoints")
     if steps:
@@ -272,8 +272,8 @@ def cmd_export(args) -> int:
             raise UserError(f"export: OUT_DIR '{out}' cannot be written: no write permission")
     else:
         check_creatable(out, "export: OUT_DIR")
-    result = export_checkpoint(args.checkpoint, args.out_dir, adapter_only=args.adapter_only)
-    print(f"exported {args.checkpoint} to {result}")
+    result = export_checkpoint(args.source, args.out_dir, adapter_only=args.adapter_only)
+    print(f"exported {args.source} to {result}")
     return 0
 
 
@@ -350,7 +350,7 @@ def cmd_report(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from dist_train import __version__
 
-    parser = _Parser(prog="dist-train", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="dist-train", description=__doc__.split("\n\n")[0].replace("\n", " ").replace("``", ""))
     parser.add_argument("--version", action="version", version=f"dist-train {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -430,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="write a training checkpoint (any engine) as a Hugging Face model folder")
-    p.add_argument("checkpoint", help="a checkpoint folder, e.g. output/sentiment/checkpoints/step-540")
+    p.add_argument("source", help="a checkpoint folder, e.g. output/sentiment/checkpoints/step-540 (with --onnx also "
+                   "a run folder or a model folder such as its final/)")
     p.add_argument("out_dir", help="new folder for the model (safetensors, config with labels, tokenizer)")
     p.add_argument("--adapter-only", action="store_true",
                    help="a LoRA checkpoint: write peft's adapter folder (adapter_config.json, adapter weights) "
