@@ -22,9 +22,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = {"ddp": ["engine.kind=ddp"], "zero1": ["engine.kind=deepspeed", "engine.zero_stage=1"],
-           "zero2": ["engine.kind=deepspeed", "engine.zero_stage=2"],
-           "zero3": ["engine.kind=deepspeed", "engine.zero_stage=3"], "fsdp": ["engine.kind=fsdp"]}
+ENGINES = {"ddp": ["engine.kind=ddp"], "zero1": ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=1"],
+           "zero2": ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=2"],
+           "zero3": ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3"], "fsdp": ["engine.kind=fsdp"]}
 
 
 def _storages(tensors) -> dict[int, int]:

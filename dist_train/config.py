@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from dist_train.engine import check_engine_config
+from dist_train.engine.options import DeepSpeedOptions, FsdpOptions, upgrade_engine_keys, upgrade_engine_path
 from dist_train.errors import UserError
 
 
@@ -309,20 +311,12 @@ class EngineConfig:
     ``deepspeed`` (ZeRO), ``fsdp`` (PyTorch FSDP2: parameters, gradients and optimizer state sharded over
     the ranks, one unit per transformer block). ``auto``: ddp under a launcher (RANK/WORLD_SIZE set), else
     single."""
-    zero_stage: int = field(default=0, metadata=FIXED)
-    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (shard optimizer state), 2 (+ gradients), 3 (+ parameters)."""
-    offload_optimizer: bool = field(default=False, metadata=FIXED)
-    """DeepSpeed ZeRO-Offload: keep optimizer state (and the step) on CPU. Needs zero_stage >= 1."""
-    offload_params: bool = False
-    """Keep parameters on CPU: DeepSpeed ZeRO-3 parameter offload (needs zero_stage 3), or with
-    ``kind: fsdp`` FSDP2's CPU offload (parameter and gradient shards on CPU, the optimizer steps there)."""
-    deepspeed: Optional[dict[str, Any]] = None
-    """Extra DeepSpeed config keys merged into the generated config; a key that conflicts with a value
-    dist-train sets from this config is an error naming both values."""
-    reshard_after_forward: bool = True
-    """``kind: fsdp``: free each block's gathered parameters after its forward and gather them again for
-    backward (less memory; false keeps them from forward to backward, one all-gather fewer per block and
-    micro-batch)."""
+    deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
+    """Options of ``kind: deepspeed`` (keys of earlier versions: ``engine.zero_stage``, ``offload_optimizer``,
+    ``offload_params`` and ``engine.deepspeed`` as DeepSpeed's own keys are read as these)."""
+    fsdp: FsdpOptions = field(default_factory=FsdpOptions)
+    """Options of ``kind: fsdp`` (earlier ``engine.reshard_after_forward`` and ``offload_params`` are read as
+    these)."""
     timeout_s: float = 300.0
     """Collective timeout in seconds: a rank that does not arrive fails the job (naming it) instead of hanging.
     Where rank 0 works alone (tokenizing, completing a checkpoint, exporting) the others wait as long as
@@ -465,7 +459,7 @@ _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _yaml11_numbers(value: Any) -> Any:
-    """YAML 1.1 reads ``1e-12`` (no dot) as a string; in free-form values (model.config, engine.deepspeed)
+    """YAML 1.1 reads ``1e-12`` (no dot) as a string; in free-form values (model.config, engine.deepspeed.config)
     such a string is the number it plainly is."""
     if isinstance(value, str) and _EXPONENT.fullmatch(value):
         return float(value)
@@ -712,9 +706,14 @@ def load_config(path: str | Path | dict | None, overrides: list[str] = ()) -> Co
             raise UserError(f"config file '{path}'{line} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
         if not isinstance(tree, dict):
             raise UserError(f"config file '{path}' must hold a mapping of sections (model:, data:, train:, ...)")
-    for text in overrides:
-        keys, value = _parse_override(text)
-        _set_dotted(tree, keys, value)
+    upgrade_engine_keys(tree)
+    parsed = [_parse_override(text) for text in overrides]
+    engine = tree.get("engine") if isinstance(tree.get("engine"), dict) else {}
+    kind = next((v for k, v in reversed(parsed) if k == ["engine", "kind"]), engine.get("kind", "auto"))
+    for keys, value in parsed:
+        keys = upgrade_engine_path(keys, value, kind)
+        if keys is not None:
+            _set_dotted(tree, keys, value)
     cfg = _build(Config, tree, "")
     validate(cfg)
     return cfg
@@ -997,20 +996,7 @@ def validate(cfg: Config) -> None:
         raise UserError("config: set train.epochs > 0 or train.max_steps > 0")
     if not t.compile_backend.strip():
         raise UserError("config: train.compile_backend is empty; use inductor (or aot_eager, eager)")
-    e = cfg.engine
-    if e.zero_stage not in (0, 1, 2, 3):
-        raise UserError(f"config: engine.zero_stage must be 0, 1, 2 or 3, got {e.zero_stage}")
-    if (e.zero_stage or e.offload_optimizer or e.deepspeed) and e.kind != "deepspeed":
-        why = "; fsdp always shards parameters, gradients and optimizer state" if e.kind == "fsdp" else ""
-        raise UserError(f"config: engine.zero_stage / offload_optimizer / deepspeed need engine.kind=deepspeed{why}")
-    if e.offload_params and e.kind not in ("deepspeed", "fsdp"):
-        raise UserError("config: engine.offload_params needs engine.kind=fsdp, or deepspeed with zero_stage=3")
-    if not e.reshard_after_forward and e.kind != "fsdp":
-        raise UserError("config: engine.reshard_after_forward=false applies to engine.kind=fsdp only")
-    if e.offload_optimizer and e.zero_stage < 1:
-        raise UserError("config: engine.offload_optimizer needs engine.zero_stage >= 1")
-    if e.offload_params and e.kind == "deepspeed" and e.zero_stage != 3:
-        raise UserError("config: engine.offload_params needs engine.zero_stage=3")
+    check_engine_config(cfg)
     c = cfg.checkpoint
     _check_stop_signals(c.stop_signals)
     if c.metric is not None:

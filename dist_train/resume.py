@@ -15,7 +15,9 @@ import yaml
 
 from dist_train.checkpoint import CONFIG_FILE, STATE_FILE, checkpoints, require_valid, verify
 from dist_train.config import Config, resume_policies, to_dict
+from dist_train.engine.options import upgrade_engine_keys
 from dist_train.errors import UserError
+
 
 def find_checkpoint(cfg: Config) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The checkpoint ``checkpoint.resume`` asks for, checked against its manifest (None = start fresh), and
@@ -60,7 +62,7 @@ def _flatten(tree, prefix: str = "") -> dict:
 
 
 def _policy(policies: dict[str, str], key: str) -> str:
-    """The field's policy; keys inside free-form mappings (model.config.*, engine.deepspeed.*) take their
+    """The field's policy; keys inside free-form mappings (model.config.*, engine.deepspeed.config.*) take their
     field's. A key no field declares (an older version's) is fixed."""
     while key and key not in policies:
         key = key.rpartition(".")[0]
@@ -69,7 +71,8 @@ def _policy(policies: dict[str, str], key: str) -> str:
 
 def check_config(folder: Path, cfg: Config) -> None:
     """Refuse a resume whose config changes what the checkpoint continues; name the first changes."""
-    saved = _flatten(yaml.safe_load((folder / CONFIG_FILE).read_text()))
+    # A checkpoint of an earlier version names some engine options by their old keys.
+    saved = _flatten(upgrade_engine_keys(yaml.safe_load((folder / CONFIG_FILE).read_text())))
     now = _flatten(to_dict(cfg))
     policies = resume_policies()
     changed = [key for key in sorted(saved.keys() | now.keys())

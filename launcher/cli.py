@@ -19,12 +19,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    # transformers imports DeepSpeed for its integration checks; without a GPU, tell it so up front (it
-    # would print a warning line of its own otherwise).
-    import torch
+    # transformers imports DeepSpeed for its integration checks: tell it about the accelerator up front.
+    from dist_train.engine.options import use_deepspeed_cpu_accelerator
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    use_deepspeed_cpu_accelerator()
 
 
 def _quiet_transformers() -> None:
@@ -362,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("launch", help="train on N processes through torchrun (or the DeepSpeed launcher)")
     p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. engine.kind=deepspeed engine.zero_stage=2")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. engine.kind=deepspeed engine.deepspeed.zero_stage=2")
     p.add_argument("--nproc-per-node", type=int, default=1, help="worker processes per node")
     p.add_argument("--nnodes", type=int, default=1, help="number of nodes")
     p.add_argument("--node-rank", type=int, default=0, help="this node's rank (DeepSpeed launcher)")

@@ -29,6 +29,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from dist_train.engine.options import use_deepspeed_cpu_accelerator
 from dist_train.errors import UserError
 
 BOX_ENV = "DIST_TRAIN_LAUNCH_BOX"
@@ -123,8 +124,7 @@ def build_command(args: LaunchArgs, config: str, overrides: list[str],
 def launch_env(args: LaunchArgs) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(worker_threads(args.nproc_per_node)))
-    if not _has_cuda():
-        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, without its probing warning
+    use_deepspeed_cpu_accelerator(env)
     return env
 
 

@@ -270,7 +270,7 @@ def test_zero3_world_2_with_the_chunked_loss_ends_at_the_stock_runs_weights(stoc
 
     tmp, cfg, _ = stock_run
     result = execute(worker_cmd(2, cfg, f"output_dir={tmp / 'zero3'}", "model.labelled_logits=true",
-                                "engine.kind=deepspeed", "engine.zero_stage=3", "train.grad_accum=1"))
+                                "engine.kind=deepspeed", "engine.deepspeed.zero_stage=3", "train.grad_accum=1"))
     assert result.returncode == 0, result.stderr[-3000:]
     (train_ours, valid_ours), (train_stock, valid_stock) = run_log(tmp / "zero3"), run_log(tmp / "stock")
     assert train_ours == pytest.approx(train_stock, rel=1e-5)

@@ -34,7 +34,7 @@ def test_overrides_are_typed_and_win_over_the_file():
 
 
 def test_exponent_numbers_in_free_form_sections_are_numbers(tmp_path):
-    """model.config and engine.deepspeed are passed through; YAML 1.1 would hand them '1e-12' as a string."""
+    """model.config and engine.deepspeed.config are passed through; YAML 1.1 would hand them '1e-12' as a string."""
     path = tmp_path / "c.yaml"
     path.write_text("model: {config: {model_type: bert, layer_norm_eps: 1e-12}, tokenizer: t}\ndata: {train: x}\n")
     cfg = load_config(path, ["model.config.initializer_range=2e-2", "model.config.name=1e5x"])
@@ -122,7 +122,7 @@ def test_every_config_key_declares_what_a_resume_may_change():
     walk(to_dict(Config()))
     assert flat_keys == set(policies)
     for key in ("model.pretrained", "task.name", "train.lr", "train.seed", "train.micro_batch_size",
-                "data.max_length", "engine.zero_stage", "engine.offload_optimizer"):
+                "data.max_length", "engine.deepspeed.zero_stage", "engine.deepspeed.offload_optimizer"):
         assert policies[key] == "fixed", key
     for key in ("train.epochs", "train.grad_accum", "data.train", "engine.kind", "checkpoint.every_steps",
                 "logging.every_steps", "output_dir"):
@@ -131,6 +131,40 @@ def test_every_config_key_declares_what_a_resume_may_change():
     with pytest.raises(TypeError, match="bare has no resume policy"):
         resume_policies(_Unmarked)
     assert resume_policies(_Marked) == {"frozen.new_field": "fixed", "open.new_field": "may_change"}
+
+
+def test_engine_options_of_earlier_versions_are_read_as_their_sections(tmp_path):
+    """engine.zero_stage / offload_optimizer / offload_params / reshard_after_forward and engine.deepspeed given
+    as DeepSpeed's own keys: the same config as the sections' keys, in a file and as overrides."""
+    old = load_config(SENTIMENT_YAML, ["engine.kind=deepspeed", "engine.zero_stage=3", "engine.offload_params=true",
+                                       "engine.offload_optimizer=true", "engine.deepspeed={overlap_comm: true}"])
+    new = load_config(SENTIMENT_YAML, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3",
+                                       "engine.deepspeed.offload_params=true", "engine.deepspeed.offload_optimizer=true",
+                                       "engine.deepspeed.config={overlap_comm: true}"])
+    assert old == new and new.engine.deepspeed.config == {"overlap_comm": True}
+    fsdp = load_config(SENTIMENT_YAML, ["engine.kind=fsdp", "engine.reshard_after_forward=false",
+                                        "engine.offload_params=true"])
+    assert (fsdp.engine.fsdp.reshard_after_forward, fsdp.engine.fsdp.offload_params) == (False, True)
+    path = tmp_path / "old.yaml"
+    path.write_text(SENTIMENT_YAML.read_text() + "\nengine: {kind: deepspeed, zero_stage: 2, deepspeed: {zero_stage: 1}}\n")
+    with pytest.raises(UserError, match="engine.zero_stage and engine.deepspeed.zero_stage are both given"):
+        load_config(path)
+
+
+def test_a_checkpoint_config_of_an_earlier_version_resumes_under_the_new_keys(tmp_path):
+    """A run saved with engine.zero_stage etc. resumes under engine.deepspeed.*; a real change is still named."""
+    from dist_train.config import to_dict
+    from dist_train.resume import check_config
+
+    cfg = load_config(SENTIMENT_YAML, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=2"])
+    saved = to_dict(cfg)
+    saved["engine"] = {"kind": "deepspeed", "zero_stage": 2, "offload_optimizer": False, "offload_params": False,
+                       "deepspeed": None, "reshard_after_forward": True, "timeout_s": 300.0}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_config(tmp_path, cfg)
+    changed = load_config(SENTIMENT_YAML, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3"])
+    with pytest.raises(UserError, match="engine.deepspeed.zero_stage: 2 -> 3"):
+        check_config(tmp_path, changed)
 
 
 @dataclasses.dataclass

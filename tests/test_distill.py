@@ -124,7 +124,7 @@ def work(tmp_path_factory):
 
 
 RUNS = {"single": (1, ["engine.kind=single", "train.grad_accum=2", "train.micro_batch_size=8"]),
-        "zero3": (2, ["engine.kind=deepspeed", "engine.zero_stage=3", "train.micro_batch_size=8"])}
+        "zero3": (2, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3", "train.micro_batch_size=8"])}
 _runs: dict = {}
 
 

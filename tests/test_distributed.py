@@ -38,12 +38,12 @@ RUNS = {  # name: (processes, micro batch, grad accum, extra overrides)
     "single_ga1_m8": (1, 8, 1, ["engine.kind=single"]),
     "single_ga4_m2": (1, 2, 4, ["engine.kind=single"]),
     "ddp_w2_ga2_m2": (2, 2, 2, ["engine.kind=ddp"]),
-    "zero0_w2": (2, 2, 2, ["engine.kind=deepspeed", "engine.zero_stage=0"]),
-    "zero1_w2": (2, 2, 2, ["engine.kind=deepspeed", "engine.zero_stage=1"]),
-    "zero2_w2": (2, 2, 2, ["engine.kind=deepspeed", "engine.zero_stage=2"]),
-    "zero3_w2": (2, 2, 2, ["engine.kind=deepspeed", "engine.zero_stage=3"]),
+    "zero0_w2": (2, 2, 2, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=0"]),
+    "zero1_w2": (2, 2, 2, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=1"]),
+    "zero2_w2": (2, 2, 2, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=2"]),
+    "zero3_w2": (2, 2, 2, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3"]),
     # ZeRO-Offload: optimizer state and step on CPU with DeepSpeed's CPU Adam (compiled on first use).
-    "zero2_offload_w2": (2, 2, 2, ["engine.kind=deepspeed", "engine.zero_stage=2", "engine.offload_optimizer=true"]),
+    "zero2_offload_w2": (2, 2, 2, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=2", "engine.deepspeed.offload_optimizer=true"]),
 }
 _done: dict = {}
 

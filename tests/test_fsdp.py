@@ -26,7 +26,7 @@ FAIL_AT_10 = {"DIST_TRAIN_FAIL_AT": "0:10"}
 SPLITS = {
     "single_m8": (1, 8, 1, ("engine.kind=single",)),
     "fsdp_w1_ga4_m2": (1, 2, 4, FSDP),
-    "fsdp_w2_ga2_m2": (2, 2, 2, (*FSDP, "engine.offload_params=true")),
+    "fsdp_w2_ga2_m2": (2, 2, 2, (*FSDP, "engine.fsdp.offload_params=true")),
 }
 
 
@@ -112,7 +112,7 @@ def test_resume_at_world_1_then_back_at_world_2(work):
     assert "injected failure at step 22" in at_1.stderr
     # Back at world 2, gathered parameters kept from forward to backward this time (the same numbers).
     out, at_2 = train_run(work, "fsdp-worlds", 2, "nodrop", "train.grad_accum=1", *FSDP,
-                          "engine.reshard_after_forward=false", "checkpoint.resume=auto")
+                          "engine.fsdp.reshard_after_forward=false", "checkpoint.resume=auto")
     assert "step-20 at step 20" in at_2.stdout and "world 1 x accumulation 2 -> world 2 x accumulation 1" in at_2.stdout
     assert weights_diff(last_weights(reference), last_weights(out)) < 1e-6
     train = split(out, "train")
@@ -139,9 +139,9 @@ def test_export_of_fsdp_shards_equals_export_from_ddp(work):
 
 # -- refusals --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, needles", [
-    (("engine.kind=fsdp", "engine.zero_stage=3"), ("need engine.kind=deepspeed", "fsdp always shards")),
+    (("engine.kind=fsdp", "engine.deepspeed.zero_stage=3"), ("is an option of engine.kind=deepspeed", "fsdp always shards")),
     (("engine.kind=fsdp", "train.precision=fp16"), ("fp16 is not supported with engine.kind=fsdp", "bf16")),
-    (("engine.kind=ddp", "engine.reshard_after_forward=false"), ("applies to engine.kind=fsdp only",)),
+    (("engine.kind=ddp", "engine.fsdp.reshard_after_forward=false"), ("is an option of engine.kind=fsdp, but engine.kind is ddp",)),
     (("engine.kind=ddp", "engine.offload_params=true"), ("offload_params needs engine.kind=fsdp",)),
 ])
 def test_bad_fsdp_config_is_one_line(work, tmp_path, overrides, needles):

@@ -50,23 +50,23 @@ def test_dry_run_prints_threads_and_command():
 
 
 def test_launch_checks_the_config_before_starting_workers():
-    assert_user_error(run_cli("launch", CONFIG, "--nproc-per-node", "2", "engine.zero_stage=2"),
-                      "need engine.kind=deepspeed")
+    assert_user_error(run_cli("launch", CONFIG, "--nproc-per-node", "2", "engine.deepspeed.zero_stage=2"),
+                      "is an option of engine.kind=deepspeed, but engine.kind is auto")
 
 
 def test_deepspeed_keys_merge_and_conflicts_are_errors():
     from dist_train.config import load_config
     from dist_train.engine.deepspeed import deepspeed_config
 
-    cfg = load_config(CONFIG, ["engine.kind=deepspeed", "engine.zero_stage=2", "train.grad_accum=4",
-                               "engine.deepspeed={zero_optimization: {overlap_comm: true}}"])
+    cfg = load_config(CONFIG, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=2", "train.grad_accum=4",
+                               "engine.deepspeed.config={zero_optimization: {overlap_comm: true}}"])
     ds = deepspeed_config(cfg, world_size=2)
     assert ds["train_batch_size"] == 32 * 4 * 2 and ds["gradient_accumulation_steps"] == 4
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
     assert ds["gradient_clipping"] == cfg.train.max_grad_norm
-    clash = load_config(CONFIG, ["engine.kind=deepspeed", "engine.zero_stage=2",
-                                 "engine.deepspeed={zero_optimization: {stage: 3}}"])
-    with pytest.raises(UserError, match=r"engine.deepspeed.zero_optimization.stage=3 conflicts with 2"):
+    clash = load_config(CONFIG, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=2",
+                                 "engine.deepspeed.config={zero_optimization: {stage: 3}}"])
+    with pytest.raises(UserError, match=r"engine.deepspeed.config.zero_optimization.stage=3 conflicts with 2"):
         deepspeed_config(clash, world_size=2)
 
 

@@ -23,7 +23,7 @@ LORA = {"r": 4, "alpha": 8, "dropout": 0.1}  # dropout on: a resume must restore
 TINY_DISTILBERT = {"model_type": "distilbert", "dim": 64, "n_layers": 2, "n_heads": 2, "hidden_dim": 128,
                    "vocab_size": 30522, "max_position_embeddings": 128}
 ENGINES = {"single": (1, ["engine.kind=single", "train.grad_accum=2"]), "ddp": (2, ["engine.kind=ddp"]),
-           "zero2": (2, ["engine.kind=deepspeed", "engine.zero_stage=2"])}
+           "zero2": (2, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=2"])}
 
 
 @pytest.fixture(scope="module")

@@ -79,7 +79,7 @@ RUNS = {  # name: (processes, overrides)
     "learn": (1, ["engine.kind=single"]),
     "world1": (1, [*SHORT, "engine.kind=single", "train.grad_accum=2"]),
     "ddp": (2, [*SHORT, "engine.kind=ddp"]),
-    "zero2": (2, [*SHORT, "engine.kind=deepspeed", "engine.zero_stage=2"]),
+    "zero2": (2, [*SHORT, "engine.kind=deepspeed", "engine.deepspeed.zero_stage=2"]),
     "failed": (1, [*SHORT, "engine.kind=single", "train.grad_accum=2"]),
     "resumed": (1, [*SHORT, "engine.kind=single", "train.grad_accum=2", "checkpoint.resume=auto"]),
 }

@@ -279,7 +279,7 @@ def test_perplexity_over_exact_token_counts_agrees_at_world_1_and_2(task, corpus
                                          {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})}})
     # World 2 runs DDP for causal LM and DeepSpeed ZeRO-3 for masked LM (its vocabulary projection, which
     # sees only the masked rows, is then a partitioned parameter).
-    engine = ["engine.kind=ddp"] if task == "causal_lm" else ["engine.kind=deepspeed", "engine.zero_stage=3"]
+    engine = ["engine.kind=ddp"] if task == "causal_lm" else ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3"]
     reports = {}
     for nproc, accum in ((1, 2), (2, 1)):
         out = tmp_path / f"w{nproc}"

@@ -72,7 +72,7 @@ def work(tmp_path_factory):
 RUNS = {  # name: (processes, overrides); global batch 32 in all
     "single": (1, ["engine.kind=single", "train.grad_accum=2"]),
     "ddp": (2, ["engine.kind=ddp", "train.grad_accum=1"]),
-    "zero3": (2, ["engine.kind=deepspeed", "engine.zero_stage=3", "train.grad_accum=1"]),
+    "zero3": (2, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3", "train.grad_accum=1"]),
     "fsdp": (2, ["engine.kind=fsdp", "train.grad_accum=1"]),
 }
 _runs: dict = {}

@@ -61,7 +61,7 @@ def work(tmp_path_factory):
 RUNS = {  # name: (processes, overrides); all take 2 micro-batches of 4 per optimizer step (100 steps)
     "w1": (1, []),
     "ddp": (2, ["engine.kind=ddp", "train.grad_accum=1"]),
-    "zero3": (2, ["engine.kind=deepspeed", "engine.zero_stage=3", "train.grad_accum=1"]),
+    "zero3": (2, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3", "train.grad_accum=1"]),
     "failed": (1, []),
     "resumed": (1, ["checkpoint.resume=auto"]),
 }

@@ -23,8 +23,8 @@ ROWS, EPOCHS = 150, 2  # micro-batch 4: 38 batches an epoch (the last one short)
 ENGINES = {  # name: (processes, grad accum, overrides); all take 2 micro-batches per optimizer step
     "single": (1, 2, ["engine.kind=single"]),
     "ddp": (2, 1, ["engine.kind=ddp"]),
-    "zero2": (2, 1, ["engine.kind=deepspeed", "engine.zero_stage=2"]),
-    "zero3": (2, 1, ["engine.kind=deepspeed", "engine.zero_stage=3"]),
+    "zero2": (2, 1, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=2"]),
+    "zero3": (2, 1, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3"]),
 }
 
 
@@ -102,8 +102,8 @@ def test_resumed_run_equals_uninterrupted_run(work, engine):
 WORLD_CHANGES = {  # name: (engine overrides, (processes, accumulation) before, after)
     "ddp_2_to_1": (["engine.kind=ddp"], (2, 1), (1, 2)),
     "ddp_1_to_2": (["engine.kind=ddp"], (1, 2), (2, 1)),
-    "zero2_2_to_1": (["engine.kind=deepspeed", "engine.zero_stage=2"], (2, 1), (1, 2)),
-    "zero3_1_to_2": (["engine.kind=deepspeed", "engine.zero_stage=3"], (1, 2), (2, 1)),
+    "zero2_2_to_1": (["engine.kind=deepspeed", "engine.deepspeed.zero_stage=2"], (2, 1), (1, 2)),
+    "zero3_1_to_2": (["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3"], (1, 2), (2, 1)),
 }
 
 
@@ -124,7 +124,7 @@ def test_resume_at_another_world_size(work, name):
 
 def test_resume_with_another_global_batch_sees_each_example_once(work):
     """World 2 -> 1 without raising accumulation: the rest of the epoch is re-cut into smaller steps."""
-    extra = ["engine.kind=deepspeed", "engine.zero_stage=2"]
+    extra = ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=2"]
     train_run(work, "zero2_halved/fail", 2, "nodrop", *extra, env={"DIST_TRAIN_FAIL_AT": "0:10"}, expect_ok=False)
     out, _ = train_run(work, "zero2_halved", 1, "nodrop", *extra, "checkpoint.resume=auto")
     train = [r for r in records(out) if r["split"] == "train"]
@@ -237,8 +237,8 @@ def test_resume_refuses_a_changed_model_engine_or_data(work):
     zero2, _ = train_run(work, "zero2-resumed", 2, "dropout", "train.grad_accum=1", *ENGINES["zero2"][2],
                          "checkpoint.resume=auto")  # a finished ZeRO-2 run
     result = execute(worker_cmd(1, configs["dropout"], f"output_dir={zero2}", "checkpoint.resume=auto",
-                                "engine.kind=deepspeed", "engine.zero_stage=3"))
-    assert result.returncode == 2 and "engine.zero_stage: 2 -> 3" in result.stderr, result.stderr[-2000:]
+                                "engine.kind=deepspeed", "engine.deepspeed.zero_stage=3"))
+    assert result.returncode == 2 and "engine.deepspeed.zero_stage: 2 -> 3" in result.stderr, result.stderr[-2000:]
 
 
 def test_resume_may_extend_the_run(work):

@@ -93,12 +93,12 @@ def job_config(tmp_path):
 def test_submit_dry_run_prints_the_sbatch_script(job_config):
     result = run_cli("submit", job_config, "--nodes", "2", "--gpus-per-node", "4", "--time", "02:00:00",
                      "--partition", "gpu", "--account", "proj", "--requeue", "--signal-lead", "300", "--dry-run",
-                     "engine.kind=deepspeed", "engine.zero_stage=2")
+                     "engine.kind=deepspeed", "engine.deepspeed.zero_stage=2")
     assert result.returncode == 0, result.stderr
     script = result.stdout
     for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --time=02:00:00",
                  "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --requeue",
-                 "#SBATCH --signal=B:USR1@300", "--nproc-per-node 4", "engine.kind=deepspeed engine.zero_stage=2",
+                 "#SBATCH --signal=B:USR1@300", "--nproc-per-node 4", "engine.kind=deepspeed engine.deepspeed.zero_stage=2",
                  "checkpoint.resume=auto", '--rdzv-id "$SLURM_JOB_ID"'):
         assert line in script, line
     assert "{{" not in script

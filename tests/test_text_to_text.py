@@ -81,7 +81,7 @@ def t2t_config(work, base: str = "llama", lora: bool = True, **sections):
 
 
 ENGINES = {"single": (1, ["engine.kind=single", "train.grad_accum=2"]), "ddp": (2, ["engine.kind=ddp"]),
-           "zero3": (2, ["engine.kind=deepspeed", "engine.zero_stage=3"]), "fsdp": (2, ["engine.kind=fsdp"])}
+           "zero3": (2, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3"]), "fsdp": (2, ["engine.kind=fsdp"])}
 _runs: dict = {}
 
 

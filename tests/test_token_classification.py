@@ -76,7 +76,7 @@ def work(tmp_path_factory):
 RUNS = {  # name: (processes, overrides); global batch 16 in all: 7 steps an epoch, the last one short
     "single": (1, ["engine.kind=single", "train.grad_accum=2"]),
     "ddp": (2, ["engine.kind=ddp", "train.grad_accum=1"]),
-    "zero2": (2, ["engine.kind=deepspeed", "engine.zero_stage=2", "train.grad_accum=1"]),
+    "zero2": (2, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=2", "train.grad_accum=1"]),
 }
 _runs: dict = {}
 

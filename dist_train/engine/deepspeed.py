@@ -18,6 +18,7 @@ import torch
 
 from dist_train.engine.base import load_trainable, trainable_names
 from dist_train.engine.dist_env import DistEnv, DistributedEngine
+from dist_train.engine.options import use_deepspeed_cpu_accelerator
 from dist_train.errors import UserError
 
 TAG = "deepspeed"
@@ -31,7 +32,7 @@ def _merge(base: dict, extra: dict, prefix: str = "") -> dict:
         if key in out and isinstance(out[key], dict) and isinstance(value, dict):
             out[key] = _merge(out[key], value, where + ".")
         elif key in out and out[key] != value:
-            raise UserError(f"engine.deepspeed.{where}={value!r} conflicts with {out[key]!r}, which dist-train "
+            raise UserError(f"config: engine.deepspeed.config.{where}={value!r} conflicts with {out[key]!r}, which dist-train "
                             "sets from the config; change the dist-train key instead (train.*, engine.*)")
         else:
             out[key] = value
@@ -39,7 +40,7 @@ def _merge(base: dict, extra: dict, prefix: str = "") -> dict:
 
 
 def deepspeed_config(cfg, world_size: int) -> dict:
-    t, e = cfg.train, cfg.engine
+    t, e = cfg.train, cfg.engine.deepspeed
     zero: dict = {"stage": e.zero_stage}
     if e.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -55,7 +56,7 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return _merge(ds, e.deepspeed or {})
+    return _merge(ds, e.config or {})
 
 
 class DeepSpeedEngine(DistributedEngine):
@@ -64,8 +65,7 @@ class DeepSpeedEngine(DistributedEngine):
     def __init__(self, cfg, precision: str = "fp32", max_grad_norm: float = 0.0, env: DistEnv | None = None,
                  **options):
         super().__init__(precision, max_grad_norm, env or DistEnv.from_environ(cfg.engine.timeout_s), **options)
-        if self.device.type == "cpu":
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        use_deepspeed_cpu_accelerator()
         self.scaler = None  # fp16 loss scaling is DeepSpeed's own
         if precision == "fp16":
             self.dtype = None  # DeepSpeed keeps fp16 weights itself; no autocast on top
@@ -73,7 +73,7 @@ class DeepSpeedEngine(DistributedEngine):
 
         deepspeed.init_distributed(dist_backend=self.env.backend(self.device), timeout=None)
         self.ds_config = deepspeed_config(cfg, self.world_size)
-        self.offload = cfg.engine.offload_optimizer
+        self.offload = cfg.engine.deepspeed.offload_optimizer
         # The model is built whole (not under zero.Init) and ZeRO-3 partitions it in initialize(): its
         # initial weights are then exactly those of every other engine under the same seed.
 
@@ -83,10 +83,17 @@ class DeepSpeedEngine(DistributedEngine):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if cfg.train.max_nonfinite_steps > 0 and cfg.engine.zero_stage == 0:
+        e = cfg.engine.deepspeed
+        if e.zero_stage not in (0, 1, 2, 3):
+            raise UserError(f"config: engine.deepspeed.zero_stage must be 0, 1, 2 or 3, got {e.zero_stage}")
+        if e.offload_optimizer and e.zero_stage < 1:
+            raise UserError("config: engine.deepspeed.offload_optimizer needs engine.deepspeed.zero_stage >= 1")
+        if e.offload_params and e.zero_stage != 3:
+            raise UserError("config: engine.deepspeed.offload_params needs engine.deepspeed.zero_stage=3")
+        if cfg.train.max_nonfinite_steps > 0 and e.zero_stage == 0:
             # ZeRO 1-3 drop a step whose gradient norm is not finite inside their own step(); stage 0 hands
             # the gradients to a plain optimizer and cannot be told to skip.
-            raise UserError("train.max_nonfinite_steps > 0 needs engine.zero_stage >= 1 with engine.kind=deepspeed "
+            raise UserError("config: train.max_nonfinite_steps > 0 needs engine.deepspeed.zero_stage >= 1 "
                             "(ZeRO-0 cannot skip a step); use zero_stage 1-3, engine.kind=ddp, or "
                             "max_nonfinite_steps=0")
 
@@ -298,8 +305,7 @@ def weights_only_loads():
 def fp32_state_dict(folder: str | Path) -> dict:
     """The full fp32 weights of a DeepSpeed checkpoint of any ZeRO stage, in one process, no process group."""
     folder = Path(folder)
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    use_deepspeed_cpu_accelerator()
     with weights_only_loads():
         if not list((folder / TAG).glob("*optim_states.pt")):  # stage 0: the module is whole in one file
             return torch.load(folder / TAG / "mp_rank_00_model_states.pt", map_location="cpu")["module"]

@@ -90,17 +90,17 @@ class FSDPEngine(DistributedEngine):
 
     @classmethod
     def options(cls, cfg) -> dict:
-        e = cfg.engine
+        e = cfg.engine.fsdp
         return {**super().options(cfg), "reshard_after_forward": e.reshard_after_forward,
                 "offload_params": e.offload_params}
 
     @classmethod
     def check_config(cls, cfg) -> None:
         if cfg.train.precision == "fp16":
-            raise UserError("train.precision=fp16 is not supported with engine.kind=fsdp (it would need a sharded "
+            raise UserError("config: train.precision=fp16 is not supported with engine.kind=fsdp (it would need a sharded "
                             "loss scaler); use train.precision=bf16 (no loss scaling needed) or fp32")
         if cfg.train.compile:
-            raise UserError("train.compile is not supported with engine.kind=fsdp yet; use train.compile=false, "
+            raise UserError("config: train.compile is not supported with engine.kind=fsdp yet; use train.compile=false, "
                             "or engine.kind=ddp / deepspeed to compile")
 
     # -- set-up -----------------------------------------------------------------------------------------
