@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dist-train-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The inner loop: everything but the tests marked slow (multi-process, SLURM, benchmarks, long runs).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 # WNUT-16 NER tweets into data/wnut16/ (fetched, checked, split; not committed: see data/wnut16/README.md).
 .PHONY: wnut16

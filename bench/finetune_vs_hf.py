@@ -85,7 +85,7 @@ def real_tokens(a) -> int:
 
 def minilm_path() -> str:
     sys.path.insert(0, str(ROOT))
-    from dist_train.models import resolve_model_path
+    from dist_train.model.files import resolve_model_path
 
     return resolve_model_path("all-MiniLM-L6-v2")
 
@@ -194,7 +194,7 @@ def dist_train_arm(a, stock: bool = False, reuse_host_memory: bool = True) -> di
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
     from dist_train.config import load_config
-    from dist_train.trainer import train
+    from dist_train.run.trainer import train
 
     train(load_config(work / "config.yaml"))
     records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]

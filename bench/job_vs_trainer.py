@@ -77,7 +77,7 @@ def prepare_tiny(a, spec: dict) -> None:
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     sys.path.insert(0, str(ROOT))
-    from dist_train.models import resolve_model_path
+    from dist_train.model.files import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
     cfg = dict(TINY)
@@ -121,7 +121,7 @@ def run_arm(a, arm: str, run: int, spec: dict) -> dict:
 
 
 # Where a sample's time goes: the first phase (in this order) with a function on the sample's stack. The names
-# are those of dist-train (dist_train/trainer.py's Run phases), transformers' Trainer and the seed's script.
+# are those of dist-train (dist_train/run/trainer.py's Run phases), transformers' Trainer and the seed's script.
 PHASES = (
     ("checkpoints", ("CheckpointManager.save", "Trainer._save_checkpoint", "Trainer._load_best_model",
                      "Trainer._rotate_checkpoints")),
@@ -303,7 +303,7 @@ def seed_arm(spec: dict, out: Path) -> dict:
 
 def model_path(spec: dict) -> str:
     sys.path.insert(0, str(ROOT))
-    from dist_train.models import resolve_model_path
+    from dist_train.model.files import resolve_model_path
 
     return resolve_model_path(spec["model"])
 

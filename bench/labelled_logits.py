@@ -41,11 +41,11 @@ def child(a) -> None:
     ids = torch.randint(0, a.vocab, (a.batch, a.length))
     labels = ids.clone()
     labels[:, : a.length // 2] = -100
-    from dist_train.causal_loss import CausalLMLoss
+    from dist_train.model.causal_loss import CausalLMLoss
 
     setting = MODES[a.child]
     if setting == "gather":  # what models that post-process their logits get: the rows, then full-vocab logits
-        import dist_train.causal_loss as causal_loss
+        import dist_train.model.causal_loss as causal_loss
 
         causal_loss.chunkable = lambda model, head: False
     loss_fn = CausalLMLoss(model, True if setting == "gather" else setting)

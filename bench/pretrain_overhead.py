@@ -77,7 +77,7 @@ def bare_loop(a) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
     if a.host_memory == "reuse":
-        from dist_train.host_memory import reuse_freed_memory
+        from dist_train.run.host_memory import reuse_freed_memory
 
         reuse_freed_memory()  # what dist-train does at start (train.reuse_host_memory): the same heap in both
     cfg = yaml.safe_load(CONFIG.read_text())

@@ -65,10 +65,10 @@ def first_step_seconds(cfg: Path, *overrides: str) -> float:
 
 def save_load_throughput(cfg_path: Path, work: Path, repeats: int) -> dict:
     """Checkpoint save / load MB/s of the bench model with Adam state, single engine, in this process."""
-    from dist_train.checkpoint import CheckpointManager, require_valid
+    from dist_train.run.checkpoint import CheckpointManager, require_valid
     from dist_train.config import load_config
     from dist_train.engine import build_engine
-    from dist_train.optim import build_optimizer, build_scheduler
+    from dist_train.run.optim import build_optimizer, build_scheduler
     from dist_train.tasks import build_task
 
     from transformers.utils import logging as hf_logging

@@ -59,7 +59,7 @@ def finetune(work: Path, name: str, seed: int, model_args: list[str], extra: lis
 
 def minilm(a) -> dict:
     work = Path(a.work)
-    from dist_train.models import resolve_model_path
+    from dist_train.model.files import resolve_model_path
 
     config = json.loads(Path(resolve_model_path("all-MiniLM-L6-v2"), "config.json").read_text())
     keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -289,7 +289,7 @@ def draw_curve(result: dict, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dist_train.report import band_panel, save
+    from dist_train.outputs.report import band_panel, save
 
     sizes = sorted(int(n) for n in next(iter(result["table"].values()))["sizes"])
     curves = {row["label"]: ([row["sizes"][str(n)]["mean"] for n in sizes], [row["sizes"][str(n)]["std"] for n in sizes])

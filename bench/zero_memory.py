@@ -72,8 +72,8 @@ def worker(config: str, overrides: list[str], out_path: str) -> None:
 
     from dist_train.config import load_config
     from dist_train.engine import build_engine
-    from dist_train.optim import build_optimizer, build_scheduler
-    from dist_train.seeding import seed_everything
+    from dist_train.run.optim import build_optimizer, build_scheduler
+    from dist_train.run.seeding import seed_everything
 
     cfg = load_config(config, overrides)
     engine = build_engine(cfg)

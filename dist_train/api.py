@@ -27,7 +27,7 @@ def train(config: Config | str | Path | dict, overrides: list[str] = ()) -> dict
     files it names are checked before any work. Returns the final reports by split (``test``,
     ``validation``); everything else goes to ``output_dir`` as with ``dist-train train``."""
     from dist_train.tasks import task_class
-    from dist_train.trainer import train as run
+    from dist_train.run.trainer import train as run
 
     if not isinstance(config, Config) or overrides:  # overrides on a Config: through its dict, validated again
         config = load_config(to_dict(config) if isinstance(config, Config) else config, list(overrides))
@@ -40,7 +40,7 @@ def model_in_use(model_dir: str | Path, command: str, max_length: int | None = N
     """An exported model folder loaded for ``command`` (``eval`` or ``predict``), as the CLI loads it:
     ``columns`` (``text_column``, ``text_pair_column``, ``label_column``, ``target_column``) override what it
     was trained with."""
-    from dist_train.inference import ModelFolder, ModelInUse
+    from dist_train.outputs.inference import ModelFolder, ModelInUse
 
     folder = ModelFolder(str(model_dir))
     folder.require(command)

@@ -999,11 +999,7 @@ def validate(cfg: Config) -> None:
     check_engine_config(cfg)
     c = cfg.checkpoint
     _check_stop_signals(c.stop_signals)
-    if c.metric is not None:
-        metrics = task.metrics
-        if c.metric not in metrics:
-            raise UserError(f"config: checkpoint.metric '{c.metric}' is not a {cfg.task.name} metric; choose one "
-                            f"of: {', '.join(metrics)}")
+    task.best_metric(c.metric, c.mode)
     if c.resume is not None and c.resume != "auto":
         if not c.resume.strip():
             raise UserError("config: checkpoint.resume is empty; give 'auto', a checkpoints/step-N folder or a "

@@ -94,7 +94,7 @@ def cmd_submit(args) -> int:
         return 0
     # The job would find these only once it starts, maybe hours later.
     from dist_train.tasks import task_class
-    from dist_train.run_dir import check_writable
+    from dist_train.run.run_dir import check_writable
 
     check_writable(Path(cfg.output_dir))
     task_class(cfg.task.name).check_files(cfg.data)
@@ -106,7 +106,8 @@ def cmd_submit(args) -> int:
 def _model_folder(args, command: str):
     """Check MODEL_DIR and the options against it before loading anything heavy (nothing is written)."""
     from dist_train.config import check_number
-    from dist_train.inference import ModelFolder, check_output_file
+    from dist_train.outputs.inference import ModelFolder
+    from dist_train.paths import check_output_file
 
     check_number("--batch-size", args.batch_size, 1, None, "[", where="")
     folder = ModelFolder(args.model_dir)
@@ -136,7 +137,7 @@ def _write_report(report: dict, task, output: str | None) -> None:
 
 
 def cmd_eval(args) -> int:
-    from dist_train.inference import ModelInUse
+    from dist_train.outputs.inference import ModelInUse
 
     folder, max_length = _model_folder(args, "eval")
     model = ModelInUse(folder, _options(args, max_length), args.precision)
@@ -146,9 +147,9 @@ def cmd_eval(args) -> int:
 
 def cmd_zero_shot(args) -> int:
     from dist_train.config import load_config
-    from dist_train.inference import check_output_file
+    from dist_train.paths import check_output_file
     from dist_train.tasks import task_class
-    from dist_train.zero_shot import zero_shot
+    from dist_train.outputs.zero_shot import zero_shot
 
     cfg = load_config(args.config, args.overrides)
     task_class(cfg.task.name).check_files(cfg.data)
@@ -161,7 +162,7 @@ def cmd_zero_shot(args) -> int:
 
 def cmd_predict(args) -> int:
     from dist_train.errors import UserError
-    from dist_train.inference import ModelInUse
+    from dist_train.outputs.inference import ModelInUse
 
     if (args.question is None) != (args.context is None):
         raise UserError("predict: --question and --context go together (a question_answering model answers a "
@@ -195,7 +196,8 @@ def cmd_predict(args) -> int:
 def cmd_generate(args) -> int:
     from dist_train.config import check_number
     from dist_train.errors import UserError
-    from dist_train.inference import ModelFolder, ModelInUse, check_output_file
+    from dist_train.outputs.inference import ModelFolder, ModelInUse
+    from dist_train.paths import check_output_file
     from dist_train.tasks import task_class
 
     if bool(args.prompts) == bool(args.file):
@@ -236,16 +238,15 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from dist_train.checkpoint import checkpoints
+    from dist_train.run.checkpoint import checkpoints
     from dist_train.errors import UserError
-    from dist_train.export import export_checkpoint
-    from dist_train.inference import check_creatable
-    from dist_train.run_dir import can_write_in
+    from dist_train.outputs.export import export_checkpoint
+    from dist_train.paths import check_new_folder
 
     if args.quantize and not args.onnx:
         raise UserError(f"export: --quantize {args.quantize} quantizes the ONNX graph; add --onnx")
     if args.onnx:
-        from dist_train.deploy import export_onnx
+        from dist_train.outputs.deploy import export_onnx
 
         if args.adapter_only:
             raise UserError("export: --onnx writes the whole model; drop --adapter-only")
@@ -263,20 +264,14 @@ def cmd_export(args) -> int:
         raise UserError(f"export: '{ckpt}' is a run folder; give one of its checkpoints, e.g. {steps[0]}")
     if (ckpt / "config.json").is_file() and not (ckpt / "hf").exists():
         raise UserError(f"export: '{ckpt}' is already a model folder (config.json, weights); use it as it is")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"export: OUT_DIR '{out}' is a file; give a new folder")
-    if out.is_dir():
-        if not can_write_in(out):
-            raise UserError(f"export: OUT_DIR '{out}' cannot be written: no write permission")
-    else:
-        check_creatable(out, "export: OUT_DIR")
+    check_new_folder(out)
     result = export_checkpoint(args.source, args.out_dir, adapter_only=args.adapter_only)
     print(f"exported {args.source} to {result}")
     return 0
 
 
 def cmd_convert(args) -> int:
-    from dist_train.gguf import convert_gguf
+    from dist_train.model.gguf import convert_gguf
 
     convert_gguf(args.gguf_file, args.out_dir, overwrite=args.overwrite)
     return 0
@@ -332,8 +327,8 @@ class _Parser(argparse.ArgumentParser):
 
 def cmd_report(args) -> int:
     from dist_train.errors import UserError
-    from dist_train.inference import check_output_file
-    from dist_train.report import draw_runs, read_run
+    from dist_train.paths import check_output_file
+    from dist_train.outputs.report import draw_runs, read_run
 
     if args.out is None and len(args.runs) > 1:
         raise UserError("report: several runs need --out FILE.png for the overlay")
@@ -512,7 +507,8 @@ def _report(exc: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    from dist_train import errors, stopping
+    from dist_train import errors
+    from dist_train.run import stopping
 
     training = argv[:1] == ["train"]
     try:

@@ -158,9 +158,9 @@ def check_slurm_grant(nproc_per_node: int) -> None:
 def preflight(cfg, nnodes: int = 1) -> None:
     """What the workers would find wrong at their start, found before any of them exists; writes nothing."""
     from dist_train.tasks import task_class
-    from dist_train.models import check_weights, resolve_model_path
-    from dist_train.run_dir import check_writable
-    from dist_train.run_dir import preflight as check_output_dir
+    from dist_train.model.files import check_weights, resolve_model_path
+    from dist_train.run.run_dir import check_writable
+    from dist_train.run.run_dir import preflight as check_output_dir
 
     if nnodes == 1:
         check_output_dir(cfg)

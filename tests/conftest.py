@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from dist_train.config import load_config
-from dist_train.trainer import train
+from dist_train.run.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTIMENT = ROOT / "data" / "sentiment"

@@ -1,4 +1,4 @@
-"""model.labelled_logits (dist_train/causal_loss.py): the loss and every gradient of the stock computation
+"""model.labelled_logits (dist_train/model/causal_loss.py): the loss and every gradient of the stock computation
 (full logits, then cross-entropy summed over the targets), for logits of the labelled positions only:
 gathered rows, and the chunked cross-entropy inside the output layer (several chunks forced), with LoRA,
 with gradient accumulation, for a seq2seq model; un-armed forwards pass through; exports stay stock; a real
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import yaml
 from conftest import ROOT, max_diff
 
-from dist_train import causal_loss
-from dist_train.causal_loss import CausalLMLoss
+from dist_train.model import causal_loss
+from dist_train.model.causal_loss import CausalLMLoss
 from dist_train.config import load_config
 
 VOCAB = 300
@@ -217,7 +217,7 @@ def test_autocast_is_close_to_stock(dtype, monkeypatch):
 def stock_run(tmp_path_factory):
     """A short causal_lm run with model.labelled_logits=false: (its folder, the config, its reports)."""
     from dist_train.data.new_tokenizer import train_tokenizer
-    from dist_train.trainer import train
+    from dist_train.run.trainer import train
 
     tmp = tmp_path_factory.mktemp("runs")
     text = (ROOT / "data" / "corpus" / "austen.txt").read_text()[200_000:]
@@ -253,7 +253,7 @@ def common_max_diff(a, b) -> float:
 
 
 def test_training_run_ends_at_the_stock_runs_weights(stock_run):
-    from dist_train.trainer import train
+    from dist_train.run.trainer import train
 
     tmp, cfg, _ = stock_run
     train(load_config(cfg, [f"output_dir={tmp / 'ours'}", "model.labelled_logits=true"]))

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import assert_user_error, cue_rows, run_cli, tiny_config
 from dist_train.config import load_config
-from dist_train.trainer import train
+from dist_train.run.trainer import train
 
 
 @pytest.fixture(scope="module")

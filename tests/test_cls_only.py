@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification
 from transformers import AutoModelForTokenClassification
 
-from dist_train import cls_only
+from dist_train.model import cls_only
 from dist_train.errors import UserError
 
 
@@ -79,12 +79,13 @@ def test_training_with_it_ends_where_the_stock_model_ends(sentiment_slice, tmp_p
 
     from conftest import max_diff, tiny_config
     from dist_train.config import load_config
-    from dist_train.trainer import train
+    from dist_train.run.trainer import train
 
     files = {"train": sentiment_slice["train"], "validation": sentiment_slice["dev"], "test": sentiment_slice["test"]}
     cfg = tiny_config(tmp_path, files, train={"epochs": 1, "micro_batch_size": 16, "lr": 1e-3},
                       checkpoint={"load_best_at_end": False}, logging={"progress_bar": False, "tensorboard": False})
-    from dist_train.models import build_model, load_tokenizer
+    from dist_train.model.build import build_model
+    from dist_train.model.files import load_tokenizer
 
     def shortcut(setting):  # whether the model, as training builds it, has the [CLS]-only last layer
         model_cfg = load_config(cfg, [f"model.cls_only_last_layer={setting}"]).model

@@ -154,7 +154,7 @@ def test_engine_options_of_earlier_versions_are_read_as_their_sections(tmp_path)
 def test_a_checkpoint_config_of_an_earlier_version_resumes_under_the_new_keys(tmp_path):
     """A run saved with engine.zero_stage etc. resumes under engine.deepspeed.*; a real change is still named."""
     from dist_train.config import to_dict
-    from dist_train.resume import check_config
+    from dist_train.run.resume import check_config
 
     cfg = load_config(SENTIMENT_YAML, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=2"])
     saved = to_dict(cfg)

@@ -17,7 +17,7 @@ from dist_train.data.sampler import eval_plan, train_plan
 from dist_train.data.sources import read_table
 from dist_train.data.tokenize import model_view, tokenize_table
 from dist_train.errors import UserError
-from dist_train.models import load_tokenizer
+from dist_train.model.files import load_tokenizer
 from dist_train.tasks.classification import read_labelled
 
 ROWS = [("A gripping, beautiful film.", "pos"), ('He said "meh" and left.', "neg"),

@@ -3,7 +3,7 @@
 Diverging runs (NaN), a damaged best checkpoint, overwrite or resume that fails half way, two runs in one
 folder, a full disk, signals at every phase, and a rank that stops answering. Each case checks the one
 line, the exit status, and what is left on disk (byte for byte where nothing may change).
-Faults come from the test hooks in dist_train/faults.py (deterministic), real signals and real limits.
+Faults come from the test hooks in dist_train/run/faults.py (deterministic), real signals and real limits.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def test_a_resume_that_cannot_load_changes_nothing(data):
     out = copy_of(data, "bad_resume")
     ckpt = out / "checkpoints" / "step-24"
     (ckpt / "optimizer.pt").write_bytes(b"not a torch file")
-    from dist_train.checkpoint import write_manifest
+    from dist_train.run.checkpoint import write_manifest
 
     write_manifest(ckpt)  # the files match their manifest: only loading can tell
     before = snapshot(out)

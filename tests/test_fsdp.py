@@ -46,7 +46,7 @@ def split(out, kind):
 def last_weights(out) -> dict:
     """The weights of a run's last checkpoint (step 38), whatever engine wrote it. Not final/: that holds the
     best checkpoint's weights, here step 5's in every run, from before any interruption."""
-    from dist_train.checkpoint import read_state
+    from dist_train.run.checkpoint import read_state
     from dist_train.engine import consolidated_state_dict
 
     folder = out / "checkpoints" / "step-38"

@@ -191,14 +191,14 @@ def test_convert_gemma3_through_the_cli(tmp_path):
     # Usable as model.pretrained in a config.
     from transformers import AutoModelForCausalLM
 
-    from dist_train.models import load_pretrained, load_tokenizer
+    from dist_train.model.files import load_pretrained, load_tokenizer
 
     model, fresh = load_pretrained(str(out), AutoModelForCausalLM)
     assert not fresh and load_tokenizer(str(out)).pad_token == "<pad>"
 
 
 def test_convert_llama_with_a_byte_level_tokenizer(tmp_path):
-    from dist_train.gguf import convert_gguf
+    from dist_train.model.gguf import convert_gguf
 
     src = tmp_path / "tiny-llama.gguf"
     tensors = write_llama(src)
@@ -216,7 +216,7 @@ def test_overwrite_replaces_only_a_complete_folder(tmp_path, monkeypatch):
     from transformers import PreTrainedModel
 
     from dist_train.errors import RunFailed, UserError
-    from dist_train.gguf import convert_gguf
+    from dist_train.model.gguf import convert_gguf
 
     src, out = tmp_path / "a.gguf", tmp_path / "out"
     write_gemma3(src)

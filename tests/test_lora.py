@@ -32,7 +32,7 @@ def work(tmp_path_factory):
     folders."""
     from transformers import AutoConfig, AutoModel
 
-    from dist_train.models import load_tokenizer
+    from dist_train.model.files import load_tokenizer
 
     tmp = tmp_path_factory.mktemp("lora")
     rng = random.Random(0)
@@ -87,7 +87,9 @@ def built(work):
     """The LoRA classifier as training builds it."""
     from transformers import AutoModelForSequenceClassification
 
-    from dist_train.models import build_model, load_tokenizer
+    from dist_train.model.build import build_model
+
+    from dist_train.model.files import load_tokenizer
 
     tmp, _ = work
     cfg = load_config(lora_config(work))
@@ -164,7 +166,7 @@ def test_causal_lm_lora_learns_and_its_merged_export_generates(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from dist_train.data.new_tokenizer import train_tokenizer
-    from dist_train.trainer import train
+    from dist_train.run.trainer import train
 
     text = (ROOT / "data" / "corpus" / "austen.txt").read_text()[200_000:]
     paragraphs = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()][:150]

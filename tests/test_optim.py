@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from conftest import TINY_BERT
 from dist_train.config import TrainConfig
-from dist_train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from dist_train.run.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 
 
 def test_no_weight_decay_on_biases_and_norms():

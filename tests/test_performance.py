@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 from conftest import NO_DROPOUT, ROOT, tiny_config
 from test_train import run, weights
 
-from dist_train.optim import build_optimizer
+from dist_train.run.optim import build_optimizer
 
 
 def test_fused_adamw_matches_the_per_parameter_loop():
@@ -77,7 +77,7 @@ def test_gpu_smoke_script_runs_tiny_on_cpu(tmp_path):
 FAULTS_AFTER_TRAINING = """
 import resource, sys, torch
 from dist_train.config import load_config
-from dist_train.trainer import train
+from dist_train.run.trainer import train
 train(load_config(sys.argv[1], sys.argv[2:]))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(8):  # what a step does with a large tensor: allocate, write, free

@@ -10,10 +10,10 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from conftest import tiny_config
-from dist_train import pooling
+from dist_train.model import pooling
 from dist_train.config import load_config
-from dist_train.inference import ModelFolder, ModelInUse
-from dist_train.trainer import train
+from dist_train.outputs.inference import ModelFolder, ModelInUse
+from dist_train.run.trainer import train
 
 
 def tiny_classifier():

@@ -15,7 +15,7 @@ from dist_train.data.collate import MaskedLMCollator, continuation_table
 from dist_train.data.corpus import TokenBlocks, read_corpus, tokenize_corpus
 from dist_train.data.new_tokenizer import train_tokenizer
 from dist_train.data.sampler import step_windows, train_plan
-from dist_train.trainer import train
+from dist_train.run.trainer import train
 
 AUSTEN = ROOT / "data" / "corpus" / "austen.txt"
 TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64}
@@ -232,7 +232,7 @@ def test_language_model_loss_falls_and_exports_a_loadable_model(task, corpus_dir
     assert again["n"] == reports["test"]["n"] and again["perplexity"] == pytest.approx(reports["test"]["perplexity"],
                                                                                         rel=1e-5)
     # `dist-train export` of the best checkpoint gives final/'s weights (tied embeddings stored once).
-    from dist_train.export import export_checkpoint
+    from dist_train.outputs.export import export_checkpoint
 
     ckpts = tmp_path / "out" / "checkpoints"
     best = json.loads((ckpts / (ckpts / "latest").read_text() / "trainer_state.json").read_text())["best_step"]
@@ -327,7 +327,7 @@ def test_continued_pretraining_of_minilm_gets_a_fresh_mlm_head(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     from safetensors.torch import load_file
 
-    from dist_train.models import resolve_model_path
+    from dist_train.model.files import resolve_model_path
 
     base = load_file(str(resolve_model_path("all-MiniLM-L6-v2") + "/model.safetensors"))
     tuned = load_file(str(tmp_path / "out" / "final" / "model.safetensors"))

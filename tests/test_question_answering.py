@@ -92,7 +92,7 @@ def scores(report: dict) -> dict:
 
 
 def tokenizer():
-    from dist_train.models import load_tokenizer
+    from dist_train.model.files import load_tokenizer
 
     return load_tokenizer("all-MiniLM-L6-v2", False, what="model.tokenizer")
 

@@ -46,13 +46,13 @@ def test_report_errors_are_one_line(trained, tmp_path):
 
 
 def test_a_report_that_cannot_be_drawn_never_fails_the_run(tmp_path, sentiment_slice, monkeypatch, capfd):
-    import dist_train.report
-    from dist_train.trainer import train
+    import dist_train.outputs.report
+    from dist_train.run.trainer import train
 
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts on this machine")
 
-    monkeypatch.setattr(dist_train.report, "draw_runs", broken)
+    monkeypatch.setattr(dist_train.outputs.report, "draw_runs", broken)
     cfg = tiny_config(tmp_path, {"train": sentiment_slice["train"], "test": sentiment_slice["test"]},
                       train={"max_steps": 2})
     reports = train(load_config(cfg))
@@ -62,7 +62,7 @@ def test_a_report_that_cannot_be_drawn_never_fails_the_run(tmp_path, sentiment_s
 
 
 def test_smoothing_is_tensorboard_s_bias_corrected_average():
-    from dist_train.report import _smooth
+    from dist_train.outputs.report import _smooth
 
     assert _smooth([1.0]) == [1.0]
     assert _smooth([1.0, 3.0], weight=0.5) == pytest.approx([1.0, (0.5 * 0.5 + 0.5 * 3.0) / 0.75])

@@ -156,7 +156,7 @@ def test_prompts_few_shot_and_truncation(work):
 
 
 def test_generation_scores():
-    from dist_train.text_metrics import generation_scores, normalize_answer
+    from dist_train.evaluation.text_metrics import generation_scores, normalize_answer
 
     assert normalize_answer("The  Cat, sat!") == "cat sat"
     same = generation_scores(["deux neuf", "un"], ["deux neuf", "un"], ["bleu", "chrf", "rouge", "squad"])

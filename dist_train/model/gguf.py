@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_train.errors import RunFailed, UserError
+from dist_train.paths import check_creatable
 
 MAGIC = b"GGUF"
 
@@ -182,8 +183,6 @@ def check_architecture(info: GgufInfo) -> None:
 def check_out_dir(out: Path, overwrite: bool, gguf_file: Path) -> None:
     """``out`` can take the converted model: a new or empty folder (any folder with ``overwrite``) whose
     parent can be written (the new folder is written beside it, then swapped in)."""
-    from dist_train.inference import check_creatable
-
     if out.exists() and not out.is_dir():
         raise UserError(f"convert: OUT_DIR '{out}' is a file; give a new folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -192,12 +191,6 @@ def check_out_dir(out: Path, overwrite: bool, gguf_file: Path) -> None:
     if out.is_dir() and gguf_file.resolve().is_relative_to(out.resolve()):
         raise UserError(f"convert: GGUF_FILE '{gguf_file}' is inside OUT_DIR '{out}'; choose another OUT_DIR")
     check_creatable(out, "convert: OUT_DIR")
-
-
-def _first_line(exc: BaseException) -> str:
-    from dist_train.models import _first_line as first
-
-    return first(exc)
 
 
 def convert_gguf(gguf_file: str | Path, out_dir: str | Path, overwrite: bool = False,
@@ -222,7 +215,7 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path, overwrite: bool = F
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
     except Exception as exc:  # noqa: BLE001 - metadata transformers cannot map fails in many ways
         raise UserError(f"convert: transformers cannot read the model description in '{src}': "
-                        f"{_first_line(exc)}") from None
+                        f"{first_line(exc)}") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UserError(f"convert: '{src}' holds a {config.model_type} model, which is not a causal language model; "
                         "convert writes decoder-only language models (llama, gemma3, qwen2, ...)")
@@ -231,11 +224,11 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path, overwrite: bool = F
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"convert: transformers cannot build the tokenizer of '{src}': {_first_line(exc)}") from None
+        raise UserError(f"convert: transformers cannot build the tokenizer of '{src}': {first_line(exc)}") from None
     try:
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"convert: transformers cannot load the weights of '{src}': {_first_line(exc)}") from None
+        raise UserError(f"convert: transformers cannot load the weights of '{src}': {first_line(exc)}") from None
     model = _plain_copy(loaded)
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions and tokenizer.model_max_length > positions:  # GGUF states no limit for the tokenizer
@@ -243,7 +236,7 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path, overwrite: bool = F
     generation = getattr(loaded, "generation_config", None)
     del loaded
 
-    from dist_train.export import nonfinite
+    from dist_train.model.trainable import nonfinite
 
     bad = nonfinite(model.state_dict())
     if bad:
@@ -272,7 +265,7 @@ def _plain_copy(loaded):
 
 def _write_beside(model, tokenizer, generation, out: Path) -> None:
     """Write into ``.NAME.tmp`` beside ``out``, check the weights file, then swap it in."""
-    from dist_train.models import check_weights
+    from dist_train.model.files import check_weights
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")

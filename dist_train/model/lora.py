@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import sys
 import warnings
 from pathlib import Path
 
 import torch
-import yaml
 
 from dist_train.errors import RunFailed, UserError
+from dist_train.model.files import load_pretrained
+from dist_train.model.trainable import load_trainable, trainable_names
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft's name; in a checkpoint's hf/ it marks a LoRA checkpoint
 
@@ -54,10 +54,11 @@ def _quiet_peft():
         yield
 
 
-def add_adapters(model, lora_cfg, task_type: str, new_keys) -> torch.nn.Module:
+def add_adapters(model, lora_cfg, task_type: str, new_keys, announce: bool = True) -> torch.nn.Module:
     """``model`` (just loaded from ``model.pretrained``) as a peft LoRA model: everything frozen but the
     adapters and the modules whose weights ``new_keys`` says were not in the pretrained folder (the fresh
-    task head: it must learn, and peft's ``modules_to_save`` keeps it trainable and saves it)."""
+    task head: it must learn, and peft's ``modules_to_save`` keeps it trainable and saves it). ``announce``:
+    print what trains (rank 0 only)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(task_type=task_type, r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
@@ -68,7 +69,7 @@ def add_adapters(model, lora_cfg, task_type: str, new_keys) -> torch.nn.Module:
             peft_model = get_peft_model(model, config)
     except ValueError as exc:  # a target that matches no layer
         raise UserError(f"model.lora.target_modules: {' '.join(str(exc).split())[:300]}") from None
-    if os.environ.get("RANK", "0") == "0":
+    if announce:
         trainable, total = peft_model.get_nb_trainable_parameters()
         print(f"dist-train: LoRA r={lora_cfg.r} on {', '.join(sorted(config.target_modules))}: {trainable:,} of "
               f"{total:,} parameters train ({100 * trainable / total:.2f}%)", flush=True)
@@ -100,22 +101,15 @@ def merge(model) -> torch.nn.Module:
     return plain
 
 
-def rebuild(checkpoint: Path, description: Path, auto_class, config, state_dict: dict) -> torch.nn.Module:
-    """The LoRA model of a checkpoint, in one process: the base from the run's ``model.pretrained`` (as its
-    ``config.yaml`` records it) with the run's head config, the adapters as ``hf/adapter_config.json``
-    records them, and the checkpoint's trained tensors (exactly those, else a UserError)."""
+def rebuild(pretrained: str, trust_remote_code: bool, description: Path, auto_class, config, state_dict: dict,
+            where: Path) -> torch.nn.Module:
+    """The LoRA model of a checkpoint (``where``), in one process: the frozen base from ``pretrained`` with the
+    run's head config, the adapters as ``description`` (its ``adapter_config.json``) records them, and the
+    checkpoint's trained tensors (exactly those, else a UserError)."""
     from peft import PeftConfig, get_peft_model
 
-    from dist_train.checkpoint import CONFIG_FILE
-    from dist_train.engine.base import load_trainable, trainable_names
-    from dist_train.models import load_pretrained
-
-    run = (yaml.safe_load((checkpoint / CONFIG_FILE).read_text()) or {}).get("model") or {}
-    if not run.get("pretrained"):
-        raise UserError(f"export: '{checkpoint}' is a LoRA checkpoint but its {CONFIG_FILE} names no "
-                        "model.pretrained to rebuild the frozen base from")
-    base, _ = load_pretrained(run["pretrained"], auto_class, bool(run.get("trust_remote_code")), config=config)
+    base, _ = load_pretrained(pretrained, auto_class, trust_remote_code, config=config)
     with _quiet_peft():
         model = get_peft_model(base, PeftConfig.from_pretrained(str(description)))
-    load_trainable(model, state_dict, trainable_names(model), checkpoint)
+    load_trainable(model, state_dict, trainable_names(model), where)
     return model

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from dist_train.errors import UserError
+from dist_train.model.files import resolve_model_path
 
 def resolve(setting: str, pretrained: str | None) -> str:
     """``cls`` or ``mean`` for ``task.pooling``: ``auto`` reads the model folder's sentence-transformers
@@ -28,8 +29,6 @@ def resolve(setting: str, pretrained: str | None) -> str:
         return setting
     if pretrained is None:
         return "cls"
-    from dist_train.models import resolve_model_path
-
     config = Path(resolve_model_path(pretrained), "1_Pooling", "config.json")
     try:
         modes = json.loads(config.read_text())

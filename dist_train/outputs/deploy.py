@@ -2,7 +2,7 @@
 
 ``dist-train export SOURCE OUT --onnx [--quantize int8]`` writes ``OUT/model.onnx`` beside copies of the
 model folder's small files (config, tokenizer, ``labels.json``, ``dist_train.json``), so ``dist-train
-predict`` / ``eval`` know the task and run it through onnxruntime (``OnnxModel``) instead of PyTorch.
+predict`` / ``eval`` know the task and run it through onnxruntime (``OnnxModel``, outputs/onnx_model.py) instead of PyTorch.
 
 The graph comes from ``torch.onnx.export(dynamo=True)``: the TorchScript exporter (``dynamo=False``) traces
 one batch and, on transformers 5, bakes that batch's attention-mask path into the graph (measured: logits
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from dist_train.errors import UserError
+from dist_train.outputs.onnx_model import ONNX_FILE, OnnxModel, require
+from dist_train.paths import check_new_folder
 
-ONNX_FILE = "model.onnx"
-INSTALL = "pip install 'dist-train[deploy]'"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".data")
 FP32_TOLERANCE = 1e-4
 INT8_MIN_AGREEMENT = 0.9
@@ -51,55 +51,10 @@ CHECK_TEXTS = [
 ]
 
 
-def require(command: str, modules: tuple[str, ...] = ("onnxruntime",)) -> None:
-    """The optional deploy packages are installed, else one line saying how to get them."""
-    import importlib.util
-
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise UserError(f"{command} needs {', '.join(missing)}, which is not installed; run: {INSTALL}")
-
-
-class OnnxModel(torch.nn.Module):
-    """An onnxruntime session that looks like the PyTorch model to a task: called with the tokenizer's
-    tensors, it returns an output with ``.logits`` (float32, CPU). Threads: torch's (``OMP_NUM_THREADS``),
-    so an ONNX and a PyTorch run of the same command use the same cores."""
-
-    def __init__(self, folder: str | Path, name: str = "MODEL_DIR"):
-        super().__init__()
-        require(f"{name} '{folder}' is an ONNX folder: running it")
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        path = Path(folder, ONNX_FILE)
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidProtobuf/...: one line
-            raise UserError(f"{name} '{folder}': cannot load {ONNX_FILE} ({str(exc).splitlines()[0][:200]}); the "
-                            "folder is damaged: export it again") from None
-        self.input_names = [i.name for i in self.session.get_inputs()]
-
-    def forward(self, **inputs):
-        from transformers.utils import ModelOutput
-
-        missing = [n for n in self.input_names if n not in inputs]
-        if missing:
-            raise UserError(f"the ONNX model needs inputs {missing} that this task does not give; export the model "
-                            "folder again with this dist-train")
-        # Inputs the graph does not take were unused by the exported model (torch.onnx drops them).
-        feed = {n: inputs[n].detach().cpu().numpy() for n in self.input_names}
-        # Back on the inputs' device: the task's evaluator meets them there with its labels (a GPU machine).
-        device = inputs[self.input_names[0]].device
-        return ModelOutput(logits=torch.from_numpy(self.session.run(None, feed)[0]).to(device))
-
-
 def model_source(source: str) -> tuple[Path, bool]:
     """The model folder to convert from SOURCE (a run folder's ``final/``, a model folder), or a checkpoint
     (True: export it first): checked before any work."""
-    from dist_train.checkpoint import HF_DIR, checkpoints
+    from dist_train.run.checkpoint import HF_DIR, checkpoints
 
     path = Path(source)
     if not path.exists():
@@ -121,20 +76,6 @@ def model_source(source: str) -> tuple[Path, bool]:
                     f"{HF_DIR}/ inside)")
 
 
-def check_new_folder(out: Path) -> None:
-    """OUT may be created (or is an empty folder this process may write into)."""
-    from dist_train.inference import check_creatable
-    from dist_train.run_dir import can_write_in
-
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        what = "is not empty" if out.is_dir() else "is a file"
-        raise UserError(f"export: '{out}' exists and {what}; choose a new folder")
-    if out.is_dir() and not can_write_in(out):
-        raise UserError(f"export: OUT_DIR '{out}' cannot be written: no write permission")
-    if not out.exists():
-        check_creatable(out, "export: OUT_DIR")
-
-
 def export_onnx(source: str, out_dir: str, quantize: str | None = None) -> tuple[Path, dict]:
     """SOURCE as an ONNX folder ``out_dir`` (int8 weights with ``quantize="int8"``), checked against the
     PyTorch model before it is renamed into place; on any failure nothing is left behind. Returns the
@@ -149,7 +90,7 @@ def export_onnx(source: str, out_dir: str, quantize: str | None = None) -> tuple
         shutil.rmtree(stale, ignore_errors=True)
     try:
         if is_checkpoint:
-            from dist_train.export import export_checkpoint
+            from dist_train.outputs.export import export_checkpoint
 
             folder = export_checkpoint(folder, pt_tmp)
         record = _convert(folder, tmp, quantize)
@@ -163,8 +104,8 @@ def export_onnx(source: str, out_dir: str, quantize: str | None = None) -> tuple
 
 
 def _convert(folder: Path, tmp: Path, quantize: str | None) -> dict:
-    from dist_train.export import META_FILE, read_meta
-    from dist_train.inference import ModelFolder, ModelInUse
+    from dist_train.outputs.export import META_FILE, read_meta
+    from dist_train.outputs.inference import ModelFolder, ModelInUse
     from dist_train.tasks import task_class
 
     model_folder = ModelFolder(str(folder))

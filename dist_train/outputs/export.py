@@ -14,9 +14,11 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 
 from dist_train.errors import RunFailed, UserError
-from dist_train.lora import ADAPTER_CONFIG, is_lora, merge, merged_copy, rebuild
+from dist_train.model.lora import ADAPTER_CONFIG, is_lora, merge, merged_copy, rebuild
+from dist_train.model.trainable import nonfinite
 
 META_FILE = "dist_train.json"
 
@@ -39,11 +41,6 @@ def export_model(model, tokenizer, out_dir: str | Path, task, state_dict: dict |
     task.save_extras(out)
     (out / META_FILE).write_text(json.dumps(task.export_meta(), indent=2))
     return out
-
-
-def nonfinite(state_dict: dict) -> list[str]:
-    """Names of the floating-point tensors holding NaN or inf."""
-    return [k for k, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def publish(model, tokenizer, out_dir: str | Path, task, state_dict: dict | None = None) -> Path:
@@ -85,7 +82,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, adapter_only:
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from dist_train.checkpoint import HF_DIR, read_state, require_valid
+    from dist_train.run.checkpoint import CONFIG_FILE, HF_DIR, read_state, require_valid
     from dist_train.engine import consolidated_state_dict
     from dist_train.tasks import task_class
 
@@ -112,7 +109,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, adapter_only:
         raise UserError(f"export: checkpoint '{folder}' holds non-finite weights ({', '.join(bad[:3])}); "
                         "export an earlier checkpoint")
     if lora:
-        model = rebuild(folder, description, auto_class, config, state_dict)
+        run = (yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}).get("model") or {}
+        if not run.get("pretrained"):
+            raise UserError(f"export: '{folder}' is a LoRA checkpoint but its {CONFIG_FILE} names no "
+                            "model.pretrained to rebuild the frozen base from")
+        model = rebuild(run["pretrained"], bool(run.get("trust_remote_code")), description, auto_class, config,
+                        state_dict, folder)
         if not adapter_only:
             model = merge(model)
     else:

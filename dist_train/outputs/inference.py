@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from dist_train.deploy import ONNX_FILE, OnnxModel
 from dist_train.engine import SingleEngine
 from dist_train.errors import UserError
-from dist_train.evaluation import evaluate
-from dist_train.export import read_meta
-from dist_train.models import _first_line, check_weights, resolve_model_path
-from dist_train.run_dir import can_write_in
+from dist_train.evaluation.loop import evaluate
+from dist_train.outputs.export import read_meta
+from dist_train.model.files import check_weights, first_line, resolve_model_path
+from dist_train.outputs.onnx_model import ONNX_FILE, OnnxModel
 from dist_train.tasks import TASKS, task_class, task_of_architectures
 
 
@@ -30,7 +28,7 @@ class ModelFolder:
             self.config = json.loads((path / "config.json").read_text())
             self.meta = read_meta(path)
         except (ValueError, OSError) as exc:
-            raise UserError(f"MODEL_DIR '{name}': cannot read its config ({_first_line(exc)}); the folder is "
+            raise UserError(f"MODEL_DIR '{name}': cannot read its config ({first_line(exc)}); the folder is "
                             "damaged: copy or export the model again") from None
         architectures = self.config.get("architectures") or []
         self.task = self.meta.get("task") or task_of_architectures(architectures)
@@ -81,31 +79,6 @@ def _not_a_model(name: str, path: Path) -> str:
                 f"its checkpoints: dist-train export {path / 'checkpoints'}/step-N OUT_DIR")
     return (f"MODEL_DIR '{name}' has no config.json, so it is no model folder; give a folder written by dist-train "
             "train (output_dir/final) or dist-train export")
-
-
-def check_creatable(path: str | Path, flag: str) -> None:
-    """``path`` can be created: its nearest existing ancestor is a folder this process may write into."""
-    parent = Path(path).parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"{flag} '{path}' cannot be created: '{parent}' is a file, not a folder")
-    if not can_write_in(parent):
-        raise UserError(f"{flag} '{path}' cannot be written: no write permission in '{parent}'")
-
-
-def check_output_file(path: str, flag: str, inputs: tuple[str | None, ...] = ()) -> None:
-    """``path`` can be written as a file and is none of ``inputs``: checked before any work, so a bad path
-    never costs a whole inference pass."""
-    out = Path(path)
-    if out.is_dir():
-        raise UserError(f"{flag} '{path}' is a folder; give a file path (e.g. {out / 'predictions.tsv'})")
-    for given in inputs:
-        if given and out.exists() and Path(given).exists() and out.resolve() == Path(given).resolve():
-            raise UserError(f"{flag} '{path}' is the input file; give another path for the results")
-    check_creatable(out, flag)
-    if out.exists() and not os.access(out, os.W_OK):
-        raise UserError(f"{flag} '{path}' cannot be written: the file is read-only")
 
 
 class ModelInUse:

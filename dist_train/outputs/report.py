@@ -68,9 +68,7 @@ def _selection(config: Path) -> tuple[str | None, bool]:
     name, checkpoint = (tree.get("task") or {}).get("name"), tree.get("checkpoint") or {}
     if name not in TASKS:
         return checkpoint.get("metric"), checkpoint.get("mode") != "min"
-    task = task_class(name)
-    metric = checkpoint.get("metric") or task.metrics[0]
-    return metric, checkpoint["mode"] == "max" if checkpoint.get("mode") else task.maximize(metric)
+    return task_class(name).best_metric(checkpoint.get("metric"), checkpoint.get("mode"))
 
 
 def _metric_keys(records: list[dict]) -> list[str]:

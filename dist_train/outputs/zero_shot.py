@@ -3,7 +3,7 @@
 ``dist-train zero-shot CONFIG`` reads the same config as ``dist-train train`` and evaluates
 ``model.pretrained`` itself on the same data, through the task's ``zero_shot``: text_to_text runs the same
 evaluation as training (template, generation settings, metrics; k-shot with ``task.few_shot=k``);
-classification asks a causal LM which label word follows ``task.template`` (dist_train/prompting.py). So
+classification asks a causal LM which label word follows ``task.template`` (dist_train/tasks/prompting.py). So
 every fine-tuning result has a baseline measured the same way.
 """
 
@@ -16,7 +16,7 @@ from dist_train.errors import UserError
 
 def zero_shot(cfg, split: str = "test"):
     """(report, task) of ``model.pretrained`` on ``data.<split>`` (test or validation), in one process."""
-    from dist_train.seeding import seed_everything
+    from dist_train.run.seeding import seed_everything
     from dist_train.tasks import build_task
 
     cfg = copy.deepcopy(cfg)

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from dist_train.errors import RunFailed, UserError
-from dist_train.faults import NONE as NO_FAULTS
-from dist_train.seeding import rng_state, set_rng_state
+from dist_train.run.faults import NONE as NO_FAULTS
+from dist_train.run.seeding import rng_state, set_rng_state
 
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from dist_train.checkpoint import CONFIG_FILE, STATE_FILE, checkpoints, require_valid, verify
+from dist_train.run.checkpoint import CONFIG_FILE, STATE_FILE, checkpoints, require_valid, verify
 from dist_train.config import Config, resume_policies, to_dict
 from dist_train.engine.options import upgrade_engine_keys
 from dist_train.errors import UserError

@@ -20,10 +20,10 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 from pathlib import Path
 
 from dist_train.errors import UserError
+from dist_train.paths import can_write_in
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "final", "eval_report.json", "report.png")
 LOCK_FILE = ".dist-train.lock"
@@ -74,18 +74,6 @@ def _stale(holder: dict) -> bool:
 def _describe(holder: dict) -> str:
     job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
     return f"pid {holder.get('pid')} on {holder.get('host')}{job}"
-
-
-def can_write_in(folder: Path) -> bool:
-    """Whether files can be created in ``folder``. Permission bits do not tell it for root, nor on a
-    read-only mount or in /proc: an unnamed temporary file (no name ever appears in the folder) does."""
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return False
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
 
 
 def check_writable(out: Path) -> None:

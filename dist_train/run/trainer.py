@@ -19,24 +19,24 @@ import time
 import torch
 from tqdm import tqdm
 
-from dist_train import stopping
-from dist_train.checkpoint import CheckpointManager, complete, read_state, set_aside
+from dist_train.run import stopping
+from dist_train.run.checkpoint import CheckpointManager, complete, read_state, set_aside
 from dist_train.config import Config, dump_yaml
 from dist_train.data.sampler import step_windows, train_plan
-from dist_train.distill import Distiller
+from dist_train.run.distill import Distiller
 from dist_train.engine import build_engine
 from dist_train.errors import RunFailed, UserError
-from dist_train.evaluation import evaluate
-from dist_train.export import export_model, publish
-from dist_train.faults import Faults
-from dist_train.host_memory import reuse_freed_memory
-from dist_train.metrics import MetricsSink, peak_memory_mb, peak_tflops, summary_line
-from dist_train.optim import build_optimizer, build_scheduler
-from dist_train.resume import check_config, check_data, check_engine, find_checkpoint, steps_left
-from dist_train.run_dir import RunDir, preflight
-from dist_train.seeding import seed_everything
+from dist_train.evaluation.loop import evaluate
+from dist_train.outputs.export import export_model, publish
+from dist_train.run.faults import Faults
+from dist_train.run.host_memory import reuse_freed_memory
+from dist_train.evaluation.metrics import MetricsSink, peak_memory_mb, peak_tflops, summary_line
+from dist_train.run.optim import build_optimizer, build_scheduler
+from dist_train.run.resume import check_config, check_data, check_engine, find_checkpoint, steps_left
+from dist_train.run.run_dir import RunDir, preflight
+from dist_train.run.seeding import seed_everything
 from dist_train.tasks import build_task
-from dist_train.train_state import TrainState
+from dist_train.run.train_state import TrainState
 
 
 def train(cfg: Config) -> dict:
@@ -111,12 +111,9 @@ class Run:
 
     def _prepare_data(self) -> None:
         cfg, e = self.cfg, self.engine
-        self.task = task = build_task(cfg)
-        self.metric = cfg.checkpoint.metric or task.metrics[0]
-        if self.metric not in task.metrics:
-            raise UserError(f"checkpoint.metric '{self.metric}' is not a {task.name} metric; "
-                            f"choose one of: {', '.join(task.metrics)}")
-        self.maximize = cfg.checkpoint.mode == "max" if cfg.checkpoint.mode else task.maximize(self.metric)
+        self.task = task = build_task(cfg, e.is_main)
+        self.metric, self.maximize = task.best_metric(cfg.checkpoint.metric, cfg.checkpoint.mode)
+
         def prepare():
             self.tokenizer = task.load_tokenizer()
             self.splits = task.prepare(self.tokenizer)
@@ -411,7 +408,7 @@ class Run:
 
     def _draw_report(self) -> None:
         """report.png: the run's curves. A picture never fails the run: a warning instead."""
-        from dist_train.report import draw_runs
+        from dist_train.outputs.report import draw_runs
 
         try:
             draw_runs([self.run_dir.out], self.run_dir.out / "report.png")

@@ -25,8 +25,11 @@ def task_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
-def build_task(cfg):
-    return task_class(cfg.task.name)(cfg)
+def build_task(cfg, is_main: bool = True):
+    """The task of ``cfg``; ``is_main``: whether this process is rank 0 (the one that prints notes)."""
+    task = task_class(cfg.task.name)(cfg)
+    task.is_main = is_main
+    return task
 
 
 def task_of_architectures(architectures: list[str]) -> str | None:

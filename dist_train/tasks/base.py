@@ -4,7 +4,7 @@ A task supplies what the rest of dist-train must not know: its data, its model h
 (and which way they are better), what its export records, and how an exported folder is used. The loop,
 ``evaluate``, ``export`` and the CLI call only the hooks below, in this order:
 
-Training (``dist_train/trainer.py``), on every rank:
+Training (``dist_train/run/trainer.py``), on every rank:
   0. ``check_files(data)`` (a classmethod, from ``dist-train train`` / ``launch`` / ``submit``: every file
      named exists and is of a kind the task reads, before any work);
   1. ``check_config(cfg)`` (a classmethod, from ``config.validate``: before anything is read);
@@ -14,11 +14,11 @@ Training (``dist_train/trainer.py``), on every rank:
   4. ``build_model()``;
   5. each step: ``loader(split, batches, epoch)``, then per micro-batch ``inputs(batch)``, ``count(batch)``,
      ``loss_sum(outputs, batch)`` and ``tokens(batch)``;
-  6. each evaluation (``dist_train/evaluation.py``): ``evaluator(device, split)`` -> ``update(outputs, batch)`` per
+  6. each evaluation (``dist_train/evaluation/loop.py``): ``evaluator(device, split)`` -> ``update(outputs, batch)`` per
      batch -> ``compute(all_reduce_sum)``; ``maximize(metric)`` says which way the metric is better;
   7. every checkpoint and the final export: ``export_meta()`` and ``save_extras(folder)``.
 
-Use of an exported folder (``dist-train eval`` / ``predict``, ``dist_train/inference.py``): the CLI reads
+Use of an exported folder (``dist-train eval`` / ``predict``, ``dist_train/outputs/inference.py``): the CLI reads
 the folder's ``dist_train.json``, builds the task named there with ``for_folder(folder, meta, options)``,
 then ``load_tokenizer()``, ``restore(folder)`` (what training learned: label maps), ``build_model()``, and
 either ``split(path, "--data")`` + the evaluation hooks above, or ``predict(...)`` on the texts of
@@ -38,7 +38,8 @@ import torch
 
 from dist_train.data import make_loader
 from dist_train.errors import UserError
-from dist_train.models import build_model, load_tokenizer
+from dist_train.model.build import build_model
+from dist_train.model.files import load_tokenizer
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Task(abc.ABC):
         self.cfg = cfg
         self.labels = None
         self.tokenizer = None
+        self.is_main = True  # rank 0, the process that prints notes (build_task sets it)
 
     # -- config ------------------------------------------------------------------------------------------
     @classmethod
@@ -171,7 +173,8 @@ class Task(abc.ABC):
 
     def build_model(self):
         return build_model(self.cfg.model, self.auto_model(), self.tokenizer, self.cfg.data.max_length,
-                           peft_task_type=self.peft_task_type, pooling=self.pooling(), **self.head_kwargs())
+                           peft_task_type=self.peft_task_type, pooling=self.pooling(), announce=self.is_main,
+                           **self.head_kwargs())
 
     # -- the step ----------------------------------------------------------------------------------------
     def inputs(self, batch: dict) -> dict:
@@ -220,8 +223,15 @@ class Task(abc.ABC):
         ``compute(all_reduce_sum) -> report`` (the same report on every rank, every example counted once)."""
 
     @classmethod
-    def maximize(cls, metric: str) -> bool:
-        return metric not in cls.lower_is_better
+    def best_metric(cls, metric: str | None = None, mode: str | None = None) -> tuple[str, bool]:
+        """The validation metric that picks the best checkpoint and whether larger is better: ``checkpoint.metric``
+        (default: the task's first) and ``checkpoint.mode`` (default: the metric's own direction). A metric the
+        task does not report is a UserError naming the ones it does."""
+        metric = metric or cls.metrics[0]
+        if metric not in cls.metrics:
+            raise UserError(f"config: checkpoint.metric '{metric}' is not a {cls.name} metric; choose one of: "
+                            f"{', '.join(cls.metrics)}")
+        return metric, mode == "max" if mode else metric not in cls.lower_is_better
 
     # -- export and use ----------------------------------------------------------------------------------
     def export_meta(self) -> dict:

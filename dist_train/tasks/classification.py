@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from dist_train.data.labels import LabelMap
 from dist_train.errors import UserError
-from dist_train.metrics import classification_report
+from dist_train.evaluation.metrics import classification_report
 from dist_train.tasks.sequence import SequenceTask, read_rows
 
 
@@ -39,9 +39,9 @@ class ClassificationTask(SequenceTask):
 
     def zero_shot(self, split: str) -> dict:
         """Accuracy of a causal LM answering with the label word most likely after ``task.template`` (raw and
-        calibrated: dist_train/prompting.py); no training, no classification head."""
-        from dist_train.models import load_pretrained
-        from dist_train.prompting import zero_shot_classification
+        calibrated: dist_train/tasks/prompting.py); no training, no classification head."""
+        from dist_train.model.files import load_pretrained
+        from dist_train.tasks.prompting import zero_shot_classification
         from transformers import AutoModelForCausalLM
 
         t, d = self.cfg.task, self.cfg.data

@@ -144,11 +144,11 @@ class CausalLMTask(LanguageModelTask):
         return CausalLMCollator()
 
     def build_model(self):
-        from dist_train.causal_loss import CausalLMLoss
+        from dist_train.model.causal_loss import CausalLMLoss
 
         model = super().build_model()
         # model.labelled_logits: the output layer projects only the positions with a target, and where the
-        # model allows it computes the loss chunk by chunk without the full logits (dist_train/causal_loss.py).
+        # model allows it computes the loss chunk by chunk without the full logits (dist_train/model/causal_loss.py).
         self.lm_loss = CausalLMLoss(model, self.cfg.model.labelled_logits, shift=1)
         return model
 
@@ -192,7 +192,7 @@ class MaskedLMTask(LanguageModelTask):
         return AutoModelForMaskedLM
 
     def build_model(self):
-        from dist_train.causal_loss import output_layer
+        from dist_train.model.causal_loss import output_layer
 
         model = super().build_model()
         # Only the selected ~15% of positions have targets, and for a small model the projection onto the

@@ -78,7 +78,7 @@ def answers(table: np.ndarray, example: list[int], contexts: list[str], n_exampl
 def squad_report(predictions: list[str], references: list[list[str]]) -> dict:
     """SQuAD's exact match and F1 (0-100) over all examples; with unanswerable ones also over those with
     and without an answer (SQuAD 2.0's HasAns / NoAns)."""
-    from dist_train.text_metrics import squad_scores
+    from dist_train.evaluation.text_metrics import squad_scores
 
     report = squad_scores(predictions, [refs or [""] for refs in references])
     has = [i for i, refs in enumerate(references) if refs]
@@ -213,7 +213,7 @@ class QuestionAnsweringTask(Task):
                 "null_threshold": t.null_threshold, "no_answer": self.no_answer}
 
     def restore(self, folder: str) -> None:
-        from dist_train.export import read_meta
+        from dist_train.outputs.export import read_meta
 
         self.no_answer = bool(read_meta(Path(folder)).get("no_answer", False))
 

@@ -16,7 +16,7 @@ from dist_train.data.fingerprint import data_fingerprint
 from dist_train.data.sources import check_texts, read_table, require_columns
 from dist_train.data.tokenize import model_view, numbered, tokenize_table
 from dist_train.errors import UserError
-from dist_train.pooling import resolve as resolve_pooling
+from dist_train.model.pooling import resolve as resolve_pooling
 from dist_train.tasks.base import Splits, Task
 
 

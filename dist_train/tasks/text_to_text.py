@@ -19,7 +19,6 @@ baseline); ``dist-train zero-shot`` evaluates a model through this same path wit
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -29,10 +28,11 @@ from dist_train.data.fingerprint import data_fingerprint
 from dist_train.data.sampler import eval_plan
 from dist_train.data.sources import check_texts, read_table, require_columns
 from dist_train.errors import UserError
-from dist_train.models import _first_line, build_model, resolve_model_path
-from dist_train.prompting import joined
+from dist_train.model.build import build_model
+from dist_train.model.files import first_line, resolve_model_path
+from dist_train.tasks.prompting import joined
 from dist_train.tasks.base import Splits, SumEvaluator, Task
-from dist_train.text_metrics import FAMILIES, generation_scores
+from dist_train.evaluation.text_metrics import FAMILIES, generation_scores
 
 SHOT_SEPARATOR = "\n\n"  # between the in-context examples of a few-shot prompt, and before the query
 
@@ -50,7 +50,7 @@ def model_kind(model_cfg) -> str:
             config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
         except Exception as exc:  # noqa: BLE001 - an unknown model type, a damaged config.json: one line each
             raise UserError(f"model.pretrained: transformers cannot read the model in '{path}': "
-                            f"{_first_line(exc)[:300]}") from None
+                            f"{first_line(exc)[:300]}") from None
         model_type, encoder_decoder = config.model_type, bool(getattr(config, "is_encoder_decoder", False))
     else:
         kwargs = dict(model_cfg.config)
@@ -58,7 +58,7 @@ def model_kind(model_cfg) -> str:
         try:
             encoder_decoder = bool(AutoConfig.for_model(model_type, **kwargs).is_encoder_decoder)
         except Exception as exc:  # noqa: BLE001
-            raise UserError(f"model.config: {_first_line(exc)[:300]}") from None
+            raise UserError(f"model.config: {first_line(exc)[:300]}") from None
     if encoder_decoder:
         return "seq2seq"
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
@@ -256,7 +256,7 @@ class TextToTextTask(Task):
         from dist_train.data.packing import pack
 
         packed, fill = pack(ds, self.cfg.data.max_length)
-        if os.environ.get("RANK", "0") == "0":
+        if self.is_main:
             print(f"dist-train: packing: {len(ds)} training examples in {len(packed)} rows of up to "
                   f"{self.cfg.data.max_length} tokens, {100 * fill:.1f}% of their positions filled", flush=True)
         return packed
@@ -406,7 +406,7 @@ class TextToTextTask(Task):
     def zero_shot(self, split: str) -> dict:
         """The untrained model through the same evaluation as training's (k-shot: ``task.few_shot``)."""
         from dist_train.engine import SingleEngine
-        from dist_train.evaluation import evaluate
+        from dist_train.evaluation.loop import evaluate
 
         self.cfg.model.lora = None  # the model as it is (adapters would start as a no-op anyway)
         self.load_tokenizer()
@@ -425,7 +425,7 @@ class TextToTextTask(Task):
                 "max_new_tokens": t.max_new_tokens, "num_beams": t.num_beams, "stop_at_newline": t.stop_at_newline}
 
     def restore(self, folder: str) -> None:
-        from dist_train.export import read_meta
+        from dist_train.outputs.export import read_meta
 
         self.shots = [tuple(pair) for pair in read_meta(folder).get("shots") or []]
 
@@ -482,6 +482,6 @@ class TextToTextCollator:
 
 
 def causal_loss(model, model_cfg, shift: int):
-    from dist_train.causal_loss import CausalLMLoss
+    from dist_train.model.causal_loss import CausalLMLoss
 
     return CausalLMLoss(model, model_cfg.labelled_logits, shift=shift)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import sys
 
 import numpy as np
@@ -107,7 +106,7 @@ class TokenClassificationTask(Task):
         ds = tokenize_tagged(raw, self.tokenizer, d.max_length, self.labels.value_to_id(),
                              self.cfg.task.label_all_tokens)
         cut = sum(ds["cut"])
-        if cut and os.environ.get("RANK", "0") == "0":
+        if cut and self.is_main:
             sentences = sum(1 for c in ds["cut"] if c)
             print(f"dist-train: warning: {what} '{path}': {cut} words of {sentences} sentences lie beyond "
                   f"max_length {d.max_length} tokens and are cut (not trained on, not scored); raise "

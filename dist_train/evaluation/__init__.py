@@ -1,0 +1,1 @@
+"""The evaluation pass and the metrics it reports (reduced over every process)."""
