@@ -3,7 +3,7 @@
     from dist_train import load_config, train, evaluate, predict
 
     cfg = load_config("configs/sentiment.yaml", ["train.epochs=1"])   # or a dict of sections
-    reports = train(cfg)                          # {"test": {...}, "validation": {...}}; output_dir as the CLI writes it
+    result = train(cfg)                           # result.reports: {"test": {...}, "validation": {...}}
     evaluate("output/sentiment/final", "data/sentiment/test.tsv")    # the report `dist-train eval` prints
     predict("output/sentiment/final", ["What a film!"])              # [{"label": "positive", "score": ...}]
 
@@ -15,17 +15,22 @@ engine, or one worker of a torchrun / SLURM job); ``dist-train launch`` starts s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dist_train.config import Config, load_config, to_dict
 from dist_train.errors import UserError
 
+if TYPE_CHECKING:  # the loop imports torch: only when train() runs
+    from dist_train.run.trainer import RunResult
+
 __all__ = ["Config", "UserError", "evaluate", "load_config", "predict", "train"]
 
 
-def train(config: Config | str | Path | dict, overrides: list[str] = ()) -> dict:
+def train(config: Config | str | Path | dict, overrides: list[str] = ()) -> RunResult:
     """Train as ``config`` (a Config, a YAML path or a dict of sections, with dotted ``overrides``) says; the
-    files it names are checked before any work. Returns the final reports by split (``test``,
-    ``validation``); everything else goes to ``output_dir`` as with ``dist-train train``."""
+    files it names are checked before any work. Returns a ``RunResult`` (``reports``: the final report of each
+    split, ``test`` and ``validation``; ``stopped_at``; ``exit_code``); everything else goes to ``output_dir``
+    as with ``dist-train train``."""
     from dist_train.tasks import task_class
     from dist_train.run.trainer import train as run
 

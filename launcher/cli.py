@@ -41,7 +41,7 @@ def cmd_train(args) -> int:
         return 0
     from dist_train.api import train
 
-    return train(cfg).get("exit_code", 0)  # (a missing file is named by its key, before any work)
+    return train(cfg).exit_code  # (a missing file is named by its key, before any work)
 
 
 def cmd_config(args) -> int:

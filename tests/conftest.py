@@ -177,5 +177,5 @@ def trained(tmp_path_factory):
                            train={"epochs": 2, "eval_every": 5, "lr": 3e-3},
                            checkpoint={"every_steps": 4, "keep_last_n": 1})
     cfg = load_config(cfg_path)
-    reports = train(cfg)
+    reports = train(cfg).reports
     return tmp / "out", cfg, reports, files

@@ -24,7 +24,7 @@ def test_train_evaluate_predict_from_python(tmp_path):
     sections = yaml.safe_load(tiny_config(tmp_path, files, task={"label_names": ["negative", "positive"]},
                                           train={"epochs": 3, "lr": 3e-3},
                                           logging={"progress_bar": False, "tensorboard": False}).read_text())
-    reports = train(sections, ["train.seed=3"])
+    reports = train(sections, ["train.seed=3"]).reports
     out = tmp_path / "out"
     assert json.loads((out / "eval_report.json").read_text()) == reports["test"]
     assert load_config(str(out / "config.yaml")).train.seed == 3

@@ -55,7 +55,7 @@ def test_auto_reads_the_sentence_transformers_pooling_config(tmp_path):
 def test_a_mean_pooled_export_evaluates_as_it_trained(tmp_path, sentiment_slice):
     files = {"train": sentiment_slice["train"], "validation": sentiment_slice["dev"], "test": sentiment_slice["test"]}
     cfg = load_config(tiny_config(tmp_path, files, task={"pooling": "mean"}, train={"epochs": 2}))
-    reports = train(cfg)
+    reports = train(cfg).reports
     final = tmp_path / "out" / "final"
     assert json.loads((final / "dist_train.json").read_text())["pooling"] == "mean"
     again = ModelInUse(ModelFolder(str(final)), {}).evaluate(str(sentiment_slice["test"]), 16)

@@ -213,7 +213,7 @@ def train_losses(out) -> list[float]:
 def test_language_model_loss_falls_and_exports_a_loadable_model(task, corpus_dir, tmp_path):
     cfg = load_config(lm_config(tmp_path, corpus_dir, task, train={"epochs": 2},
                                 data={"test": str(corpus_dir / "b.txt")}))
-    reports = train(cfg)
+    reports = train(cfg).reports
     losses = train_losses(tmp_path / "out")
     assert losses[-1] < losses[0] - 0.5, losses  # from ln(600) = 6.4, uniform over the vocabulary
     report = reports["validation"]
@@ -385,7 +385,7 @@ def test_own_causal_lm_fine_tunes_as_a_classifier_reading_each_rows_last_token(c
            "train": {"max_steps": 4, "micro_batch_size": 8, "lr": 1e-3},
            "logging": {"every_steps": 2, "progress_bar": False, "tensorboard": False}}
     (tmp_path / "clf.yaml").write_text(yaml.safe_dump(clf))
-    reports = train(load_config(tmp_path / "clf.yaml"))
+    reports = train(load_config(tmp_path / "clf.yaml")).reports
     assert 0 <= reports["validation"]["accuracy"] <= 1
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

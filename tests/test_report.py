@@ -55,7 +55,7 @@ def test_a_report_that_cannot_be_drawn_never_fails_the_run(tmp_path, sentiment_s
     monkeypatch.setattr(dist_train.outputs.report, "draw_runs", broken)
     cfg = tiny_config(tmp_path, {"train": sentiment_slice["train"], "test": sentiment_slice["test"]},
                       train={"max_steps": 2})
-    reports = train(load_config(cfg))
+    reports = train(load_config(cfg)).reports
     assert reports["test"]["n"] == 37 and (tmp_path / "out" / "final" / "model.safetensors").is_file()
     assert "warning: report.png not drawn: no fonts on this machine" in capfd.readouterr().err
     assert not (tmp_path / "out" / "report.png").exists()

@@ -23,7 +23,7 @@ def weights(folder) -> dict[str, torch.Tensor]:
 
 def run(cfg_path, *overrides):
     cfg = load_config(cfg_path, list(overrides))
-    return cfg, train(cfg)
+    return cfg, train(cfg).reports
 
 
 def test_run_writes_every_output(trained):

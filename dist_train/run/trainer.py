@@ -15,31 +15,46 @@ import math
 import pickle
 import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from dist_train.run import stopping
-from dist_train.run.checkpoint import CheckpointManager, complete, read_state, set_aside
 from dist_train.config import Config, dump_yaml
 from dist_train.data.sampler import step_windows, train_plan
-from dist_train.run.distill import Distiller
 from dist_train.engine import build_engine
+from dist_train.engine.base import Engine
 from dist_train.errors import RunFailed, UserError
 from dist_train.evaluation.loop import evaluate
+from dist_train.evaluation.metrics import MetricsSink, peak_memory_mb, peak_tflops, summary_line
 from dist_train.outputs.export import export_model, publish
+from dist_train.run import stopping
+from dist_train.run.accounting import StepAccounting
+from dist_train.run.checkpoint import CheckpointManager, complete, read_state, set_aside
+from dist_train.run.distill import Distiller
 from dist_train.run.faults import Faults
 from dist_train.run.host_memory import reuse_freed_memory
-from dist_train.evaluation.metrics import MetricsSink, peak_memory_mb, peak_tflops, summary_line
 from dist_train.run.optim import build_optimizer, build_scheduler
 from dist_train.run.resume import check_config, check_data, check_engine, find_checkpoint, steps_left
 from dist_train.run.run_dir import RunDir, preflight
 from dist_train.run.seeding import seed_everything
-from dist_train.tasks import build_task
 from dist_train.run.train_state import TrainState
+from dist_train.tasks import build_task
 
 
-def train(cfg: Config) -> dict:
+@dataclass
+class RunResult:
+    """What ``train`` returns. ``reports``: the final report of each split (``validation``, ``test``);
+    ``stopped_at``: the step a stop signal ended the run after (None: it ran to the end); ``exit_code``:
+    what the command exits with (0, or a stop signal's code)."""
+
+    reports: dict[str, dict] = field(default_factory=dict)
+    stopped_at: int | None = None
+    exit_code: int = 0
+
+
+def train(cfg: Config) -> RunResult:
     """Fine-tune (or train from scratch) as ``cfg`` says; returns the final reports by split."""
     with Run(cfg) as run:
         run.build()
@@ -60,17 +75,39 @@ def train(cfg: Config) -> dict:
 
 
 class Run:
-    """One run's parts and position; each phase of ``train`` is one method."""
+    """One run's parts and position; each phase of ``train`` is one method. Every attribute is declared here;
+    ``build`` sets the parts, ``resume`` the position."""
 
     def __init__(self, cfg: Config):
         self.cfg, self.t = cfg, cfg.train
         self.signals = stopping.install(cfg.checkpoint.stop_signals)
         self.teardown = contextlib.ExitStack()
         self.run_dir = RunDir(cfg.output_dir)
-        self.engine = self.sink = self.bar = None
-        self.claimed = self.committed = self.trained = self.stop_now = False
-        self.reports: dict = {}
         self.started = time.perf_counter()
+        self.result = RunResult()
+        # build(): the parts
+        self.engine: Engine | None = None
+        self.faults: Faults | None = None
+        self.resume_from: Path | None = None  # the checkpoint to continue from, and damaged ones skipped
+        self.damaged: list = []
+        self.saved: dict | None = None  # its TrainState record
+        self.task = self.tokenizer = self.splits = None
+        self.metric: str = ""  # what picks the best checkpoint, and whether larger is better
+        self.maximize = True
+        self.lengths: list[int] = []  # training examples' lengths (the batch plan) and their fingerprint
+        self.fingerprint: dict = {}
+        self.window = self.plan_len = 0  # micro-batches per optimizer step (all ranks) and per epoch plan
+        self.state: TrainState | None = None
+        self.loss_sum = None  # the step's loss: the task's, or mixed with a teacher's
+        self.ckpt: CheckpointManager | None = None
+        self.acc: StepAccounting | None = None
+        # resume() and the loop: output, progress, speed
+        self.sink: MetricsSink | None = None
+        self.bar = None
+        self.last_log = 0.0
+        self.flops_per_token = self.peak_flops = 0.0
+        self.last_saved: int | None = None  # the step the newest checkpoint holds (one save per step)
+        self.claimed = self.committed = self.trained = self.stop_now = False
 
     def __enter__(self) -> "Run":
         self.teardown.callback(stopping.uninstall)
@@ -83,7 +120,7 @@ class Run:
         explained = self.engine.explain_failure(exc) if exc is not None and self.engine is not None else None
         self.teardown.close()
         if explained:
-            last = next(iter(complete(self.ckpt.root)), None) if hasattr(self, "ckpt") else None
+            last = self._last_checkpoint()
             resume = f"; continue from {last} with checkpoint.resume=auto" if last else ""
             raise RunFailed(explained + resume) from None
 
@@ -149,12 +186,10 @@ class Run:
             export_model(e.unwrapped, self.tokenizer, folder, self.task, weights=False)
 
         self.ckpt = CheckpointManager(cfg.output_dir, cfg.checkpoint.keep_last_n, e, describe, self.faults)
-        # Running sums since the last log line, kept on device: no host sync on ordinary steps.
-        self.acc = torch.zeros(4, dtype=torch.float64, device=e.device)  # loss sum, count, examples, tokens
-        self.nonfinite = torch.zeros(1, dtype=torch.float64, device=e.device)  # bad steps seen (not skipped)
-        self.first_bad = torch.full((3,), -1.0, dtype=torch.float64, device=e.device)  # step, loss, grad norm
-        self.step_t = torch.full((), float(s.step), dtype=torch.float64, device=e.device)
-        self.stop_votes = self.grad_norm = self.acc.new_zeros(())
+        self.acc = StepAccounting(e.device, s.step, t.max_nonfinite_steps, t.lr, self._last_checkpoint)
+
+    def _last_checkpoint(self):
+        return next(iter(complete(self.ckpt.root)), None) if self.ckpt is not None else None
 
     # -- resume, then claim the folder ------------------------------------------------------------------
     def resume(self) -> None:
@@ -172,7 +207,7 @@ class Run:
             load_s = time.perf_counter() - load_start
             self.ckpt.best_step = s.best_step
             if e.is_main:
-                self.acc += torch.tensor(s.log_sums, dtype=torch.float64, device=e.device)
+                self.acc.sums += torch.tensor(s.log_sums, dtype=torch.float64, device=e.device)
                 print(self._resume_line(load_s), flush=True)
         self.signals.phase = "train"  # from here a stop signal is a request to save and stop
         self._claim_output()
@@ -248,7 +283,8 @@ class Run:
         # rescale by world size inside backward.)
         counts = [task.count(b) * w for b, w in micro]
         # One all-reduce carries the global target count and whether any rank was asked to stop.
-        n_global, self.stop_votes = e.all_reduce_sum(torch.stack([sum(counts), counts[0].new_tensor(self.signals.flag)]))
+        n_global, self.acc.stop_votes = e.all_reduce_sum(
+            torch.stack([sum(counts), counts[0].new_tensor(self.signals.flag)]))
         n_global = n_global.clamp(min=1)  # a step without targets (e.g. nothing masked) adds zero, not NaN
         sums = torch.zeros(3, dtype=torch.float64, device=e.device)  # loss sum, examples, tokens
         for i, (b, w) in enumerate(micro):
@@ -256,33 +292,14 @@ class Run:
             e.backward(loss_sum / n_global, sync=i == len(micro) - 1)
             sums += torch.stack([loss_sum.detach().double(), sums.new_tensor(len(b["input_ids"]) * w),
                                  task.tokens(b).double() * w])
-        self.grad_norm = e.step(skip_nonfinite=self.t.max_nonfinite_steps > 0).to(e.device, torch.float64)
-        self._account(sums, sum(counts), self.grad_norm)
+        grad_norm = e.step(skip_nonfinite=self.t.max_nonfinite_steps > 0).to(e.device, torch.float64)
+        self.state.skipped_steps = self.acc.add(sums, sum(counts), grad_norm, self.state.skipped_steps)
         self.bar.update(1)
         if not self.trained:
             self._first_step_done()
         epoch_end = self.state.advance(self.window, self.plan_len)
         self.faults.after_step(self.state.step, e.unwrapped)
         return epoch_end
-
-    def _account(self, sums: torch.Tensor, count: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Add the step to the log sums. A step whose loss or (global) gradient norm is not finite adds no
-        loss; it is counted instead, and the run stops at the next log, validation or save (host syncs
-        that happen anyway) - unless train.max_nonfinite_steps lets the engine skip it."""
-        loss, examples, tokens = sums
-        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        self.acc += torch.stack([torch.where(bad, 0.0, loss), torch.where(bad, 0.0, count), examples, tokens])
-        self.step_t += 1
-        if self.t.max_nonfinite_steps > 0:
-            if bad.item():  # the engine read the norm on the host already: no new sync
-                self.state.skipped_steps += 1
-                if self.state.skipped_steps > self.t.max_nonfinite_steps:
-                    raise self._diverged(self.state.step + 1, loss / count, grad_norm)
-            return
-        self.nonfinite += bad.double()
-        first = bad & (self.first_bad[0] < 0)
-        self.first_bad = torch.where(first, torch.stack([self.step_t, loss / count.clamp(min=1), grad_norm]),
-                                     self.first_bad)
 
     def _first_step_done(self) -> None:
         self.trained = True
@@ -298,15 +315,13 @@ class Run:
         """The log line: sums since the last one over all ranks. Stop requests and non-finite steps are read
         here, where the host syncs anyway: ordinary steps never wait."""
         e, s = self.engine, self.state
-        self.stop_now = self.stop_votes.item() > 0
-        loss_sum, count, examples, tokens, bad = e.all_reduce_sum(torch.cat([self.acc, self.nonfinite])).tolist()
-        if bad:
-            raise self._diverged()
+        self.stop_now = self.acc.stop_votes.item() > 0
+        loss_sum, count, examples, tokens = self.acc.read(e)
         elapsed = time.perf_counter() - self.last_log
         s.examples_seen += examples
         # No targets since the last line (every step skipped, nothing masked): no loss, rather than a 0.
         record = {"epoch": s.epoch_progress(self.plan_len), "loss": loss_sum / count if count else None, "lr": e.lr(),
-                  "grad_norm": float(self.grad_norm), "examples_seen": s.examples_seen,
+                  "grad_norm": float(self.acc.grad_norm), "examples_seen": s.examples_seen,
                   "examples_per_s": examples / elapsed, "tokens_per_s": tokens / elapsed}
         if self.peak_flops:
             record["mfu"] = record["tokens_per_s"] * self.flops_per_token / self.peak_flops
@@ -315,7 +330,6 @@ class Run:
         if self.sink:
             self.sink.write("train", s.step, record)
             self.bar.set_postfix(loss=f"{record['loss'] or float('nan'):.4f}", lr=f"{record['lr']:.2e}")
-        self.acc.zero_()
         self.last_log = time.perf_counter()
 
     def validation_due(self, epoch_end: bool) -> bool:
@@ -327,10 +341,10 @@ class Run:
         s = self.state
         if self.splits.validation is None:
             return
-        self.check_finite()
+        self.acc.check(self.engine)
         s.validated_at = s.step
         report = evaluate(self.engine, self.task, self.splits.validation, self.t.eval_batch_size, "validation")
-        self.reports["validation"] = report
+        self.result.reports["validation"] = report
         if self.sink:
             self.sink.write("validation", s.step, {"epoch": s.epoch_progress(self.plan_len), **report})
             self.bar.write(summary_line(f"step {s.step} validation", report, self.task.summary))
@@ -346,39 +360,30 @@ class Run:
         return (every > 0 and self.state.step % every == 0) or (epoch_end and c.every_epoch) or self.stop_now
 
     def save(self) -> None:
-        """A checkpoint of this step (a collective), never of non-finite weights."""
-        self.check_finite()
-        self.state.log_sums = self.engine.all_reduce_sum(self.acc).tolist()
+        """A checkpoint of this step (a collective), never of non-finite weights; once per step (a step that
+        validation saved as the best is not saved again)."""
+        if self.last_saved == self.state.step:
+            return
+        self.acc.check(self.engine)
+        self.state.log_sums = self.engine.all_reduce_sum(self.acc.sums).tolist()
         self.ckpt.save(self.state.step, self.state.state_dict(), dump_yaml(self.cfg))
+        self.last_saved = self.state.step
         if not self.committed:
             self.committed = True  # the new run can be resumed: an earlier run set aside (overwrite) may go
             if self.engine.is_main:
                 self.run_dir.drop_previous()
 
-    def check_finite(self) -> None:
-        if self.engine.all_reduce_sum(self.nonfinite).item() > 0:
-            raise self._diverged()
-
-    def _diverged(self, step=None, loss=None, grad_norm=None) -> RunFailed:
-        """The one-line failure for a non-finite step (every rank raises it alike)."""
-        if step is None:
-            step, loss, grad_norm = self.first_bad.tolist()
-        last = next((p for p in complete(self.ckpt.root)), None)
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
-        return RunFailed(f"training diverged: step {int(step)} had a non-finite loss or gradient norm (loss "
-                         f"{float(loss):.4g}, gradient norm {float(grad_norm):.4g}); {where}; nothing was exported. "
-                         f"Lower train.lr (now {self.t.lr:g}), or let train.max_nonfinite_steps skip such steps")
-
     # -- the end ----------------------------------------------------------------------------------------
-    def stop(self) -> dict:
+    def stop(self) -> RunResult:
         """A stop signal reached some rank: the checkpoint of this step is saved (save_due); exit cleanly."""
         if self.engine.is_main:
             who = self.signals.received or "a stop signal"
             print(f"dist-train: stopped after step {self.state.step} on request ({who} on some rank); saved "
                   f"{self.ckpt.path(self.state.step)}; continue with checkpoint.resume=auto", flush=True)
-        return {"stopped_at": self.state.step, "exit_code": self.signals.exit_code}
+        self.result.stopped_at, self.result.exit_code = self.state.step, self.signals.exit_code
+        return self.result
 
-    def finish(self) -> dict:
+    def finish(self) -> RunResult:
         """Final validation, checkpoint, best weights, export and test report. A stop signal now waits for
         them: they are the run's result."""
         self.signals.phase = "finish"
@@ -394,7 +399,7 @@ class Run:
         self._load_best()
         self._export()
         if self.splits.test is not None:
-            self.reports["test"] = report = evaluate(e, self.task, self.splits.test, self.t.eval_batch_size)
+            self.result.reports["test"] = report = evaluate(e, self.task, self.splits.test, self.t.eval_batch_size)
             if e.is_main:
                 self.run_dir.write("eval_report.json", json.dumps(report, indent=2))  # small: no wait needed
                 self.task.save_eval_outputs(self.run_dir.out / "test_outputs.jsonl")
@@ -403,8 +408,8 @@ class Run:
         if e.is_main:
             self._draw_report()
         if self.signals.received:
-            self.reports["exit_code"] = self.signals.exit_code
-        return self.reports
+            self.result.exit_code = self.signals.exit_code
+        return self.result
 
     def _draw_report(self) -> None:
         """report.png: the run's curves. A picture never fails the run: a warning instead."""
