@@ -36,6 +36,14 @@ BOX_ENV = "DIST_TRAIN_LAUNCH_BOX"
 LEAVE_FLAG = "--leave-to-workers="
 TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # what torchrun itself handles by default
 INTERRUPTED = 130  # a worker's exit status after Ctrl-C (saved and stopped, or nothing to save yet)
+KILLED = 3  # a worker was killed by a signal: a failed run (RunFailed's exit status)
+
+
+def killed(rank: int, signal_name: str) -> str:
+    """The line for a worker that a signal ended (the kernel's out-of-memory killer, an administrator)."""
+    why = " (the system ends a process so when memory runs out)" if signal_name == "SIGKILL" else ""
+    return (f"rank {rank} was killed by {signal_name}{why}, and the run stopped with it; continue from its last "
+            "checkpoint with the same command and checkpoint.resume=auto")
 
 
 @dataclass
@@ -351,9 +359,14 @@ def torchrun_main(argv: list[str]) -> int:
         if errors:  # a user error (the other ranks' failures follow from it): the launcher prints its line
             hold.held.clear()
             return next(iter(errors.values()))["exit_code"]
-        if exc.get_first_failure()[1].exitcode == INTERRUPTED:
+        rank, failure = exc.get_first_failure()
+        if failure.exitcode == INTERRUPTED:
             hold.held.clear()
             return INTERRUPTED  # stopped by Ctrl-C after saving: the workers said so
+        if failure.exitcode < 0:  # killed by a signal: it left no traceback to keep, so one line says it
+            hold.held.clear()
+            print(f"dist-train: error: {killed(rank, failure.signal_name())}", file=sys.stderr, flush=True)
+            return KILLED
         raise
     finally:
         hold.release(logger)  # whatever is still held (e.g. after torchrun itself was signalled)

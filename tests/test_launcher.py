@@ -97,6 +97,20 @@ def test_sigterm_to_the_launcher_saves_a_checkpoint_and_exits_0(tmp_path, sentim
     assert "Traceback" not in stderr
 
 
+@pytest.mark.slow
+def test_a_worker_killed_under_launch_is_one_line_naming_the_rank_and_the_resume(tmp_path, sentiment_slice):
+    """A worker that a signal ends (SIGKILL: the out-of-memory killer) leaves no traceback of its own: one
+    dist-train line instead of torchrun's ChildFailedError report, exit 3."""
+    cfg = tiny_config(tmp_path, {"train": sentiment_slice["train"]}, logging={"tensorboard": False})
+    result = subprocess.run([sys.executable, "-m", "launcher", "launch", str(cfg), "--nproc-per-node", "2"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "DIST_TRAIN_FAIL_AT": "1:1:kill"})
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("dist-train: error:")]
+    assert "rank 1 was killed by SIGKILL" in line and "checkpoint.resume=auto" in line, line
+
+
 def test_a_crash_under_launch_keeps_its_traceback_and_torchrun_s_report(tmp_path, sentiment_slice):
     """Only user errors are shortened to one line: a real crash stays diagnosable."""
     cfg = tiny_config(tmp_path, {"train": sentiment_slice["train"]}, logging={"tensorboard": False})
