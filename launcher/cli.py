@@ -113,7 +113,7 @@ def _model_folder(args, command: str):
     folder = ModelFolder(args.model_dir)
     folder.require(command)
     max_length = folder.max_length(args.max_length)
-    if args.output:
+    if args.output and args.output != "-":
         check_output_file(args.output, "--output", (getattr(args, "file", None), getattr(args, "data", None)))
     return folder, max_length
 
@@ -173,24 +173,51 @@ def cmd_predict(args) -> int:
         args.texts = [args.question, args.context]
     if bool(args.texts) == bool(args.file):
         raise UserError("predict: give either texts to classify or --file FILE (with --output FILE)")
+    if args.file == "-" and not args.output:
+        args.output = "-"  # a pipe in, a pipe out
     if args.file and not args.output:
-        raise UserError("predict: --file needs --output FILE for the predictions")
+        raise UserError("predict: --file needs --output FILE for the predictions (or --output - for standard output)")
     if args.output and not args.file:
         raise UserError("predict: --output goes with --file FILE; texts given on the command line are printed")
     folder, max_length = _model_folder(args, "predict")
     if args.question is not None and folder.task != "question_answering":
         raise UserError(f"predict: --question/--context are for question_answering models; MODEL_DIR "
                         f"'{args.model_dir}' is a {folder.task} model: give its texts")
+    if args.file == "-":
+        args.file = _stdin_table()
     model = ModelInUse(folder, _options(args, max_length), args.precision)
     if args.file:
         n = model.predict_file(args.file, args.output, args.batch_size)
-        print(f"wrote {n} predictions to {args.output}")
+        if args.output != "-":
+            print(f"wrote {n} predictions to {args.output}")
         return 0
     texts, pairs = model.task.command_line_inputs(args.texts)
     shown = texts if pairs is None else [f"{a}\t{b}" for a, b in zip(texts, pairs)]
     for text, prediction in zip(shown, model.predict(texts, pairs, args.batch_size)):
         print(model.task.format_prediction(text, prediction))
     return 0
+
+
+def _stdin_table() -> str:
+    """``--file -``: standard input, read whole as a TSV with a header line, into a temporary file (removed at
+    exit) that is read like any ``.tsv``."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from dist_train.errors import UserError
+
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UserError("predict: --file - reads standard input, but nothing is piped in; e.g. "
+                        "cat new.tsv | dist-train predict MODEL_DIR --file -")
+    text = sys.stdin.read()
+    if not text.strip():
+        raise UserError("predict: --file -: standard input is empty; pipe in a TSV with a header line and a text column")
+    folder = tempfile.mkdtemp(prefix="dist-train-stdin-")
+    atexit.register(shutil.rmtree, folder, True)
+    path = Path(folder, "stdin.tsv")
+    path.write_text(text, encoding="utf-8")
+    return str(path)
 
 
 def cmd_generate(args) -> int:
@@ -417,9 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "question answering: QUESTION CONTEXT per question)")
     p.add_argument("--question", help="question answering: the question (with --context)")
     p.add_argument("--context", help="question answering: the text that holds the answer")
-    p.add_argument("--file", help="a .tsv/.csv/.jsonl/.parquet file with a text column (question answering: "
+    p.add_argument("--file", help="a .tsv/.csv/.jsonl/.parquet file with a text column, or - for standard input "
+                   "read as a TSV with a header line (question answering: "
                    "SQuAD JSON, or JSON lines / a table with question and context)")
-    p.add_argument("--output", help="where --file's predictions go (TSV)")
+    p.add_argument("--output", help="where --file's predictions go (TSV; - for standard output, the default with --file -)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="write a training checkpoint (any engine) as a Hugging Face model folder")

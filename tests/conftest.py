@@ -64,11 +64,12 @@ def tiny_config(tmp_path: Path, files: dict, **sections) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the real console entry point in a fresh process (exit codes and stderr as a user sees them)."""
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, stdin: str = "") -> subprocess.CompletedProcess:
+    """Run the real console entry point in a fresh process (exit codes and stderr as a user sees them), with
+    ``stdin`` piped in (empty by default: never the terminal of whoever runs the tests)."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     return subprocess.run([sys.executable, "-m", "launcher", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env=env, timeout=timeout)
+                          cwd=cwd or ROOT, env=env, timeout=timeout, input=stdin)
 
 
 def worker_cmd(nproc: int, cfg, *overrides) -> list[str]:

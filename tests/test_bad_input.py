@@ -532,6 +532,23 @@ def test_a_new_process_exits_2_with_one_line(world, argv, fragment):
     assert snapshot(world) == before
 
 
+def test_predict_file_dash_reads_standard_input(world):
+    """``--file -``: standard input as a TSV with a header; predictions to standard output (or --output)."""
+    final = world / "run" / "final"
+    table = "sentence\tlabel\ngreat film\tpositive\na dull mess\tnegative\n"
+    result = run_cli("predict", final, "--file", "-", stdin=table)
+    assert result.returncode == 0, result.stderr[-2000:]
+    header, *rows = result.stdout.splitlines()
+    assert header.split("\t")[0] == "sentence" and [r.split("\t")[0] for r in rows] == ["great film", "a dull mess"]
+    out = world / "stdin-preds.tsv"
+    try:
+        result = run_cli("predict", final, "--file", "-", "--output", out, stdin=table)
+        assert result.returncode == 0 and out.read_text().splitlines()[1:] == rows, result.stderr[-2000:]
+    finally:
+        out.unlink(missing_ok=True)
+    assert_user_error(run_cli("predict", final, "--file", "-"), "standard input is empty")
+
+
 def test_predict_takes_options_before_and_after_the_texts(world, capfd):
     final = str(world / "run" / "final")
     for argv in (["predict", final, "--max-length", "16", "great film", "dull"],

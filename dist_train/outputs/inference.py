@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 from dist_train.engine import SingleEngine
@@ -120,11 +122,14 @@ class ModelInUse:
     def predict_file(self, path: str, out_path: str, batch_size: int) -> int:
         texts, pairs, columns = self.task.read_texts(path)
         results = self.predict(texts, pairs, batch_size)
-        out = Path(out_path)
-        out.parent.mkdir(parents=True, exist_ok=True)  # (checked writable before inference: check_output_file)
         # A pair model's rows show both texts, under the input's column names.
         inputs = [[columns[0], texts]] + ([[columns[1], pairs]] if pairs is not None else [])
-        with open(out, "w") as fh:  # plain TSV like the input: no quoting, tabs/newlines in text become spaces
+        if out_path == "-":  # standard output
+            fh = contextlib.nullcontext(sys.stdout)
+        else:
+            Path(out_path).parent.mkdir(parents=True, exist_ok=True)  # (checked writable before: check_output_file)
+            fh = open(out_path, "w")
+        with fh as fh:  # plain TSV like the input: no quoting, tabs/newlines in text become spaces
             for i, prediction in enumerate(results):
                 columns = self.task.prediction_columns(prediction)
                 if i == 0:
