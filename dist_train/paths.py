@@ -3,11 +3,14 @@ an inference pass, and nothing is half-written."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-from dist_train.errors import UserError
+from dist_train.errors import RunFailed, UserError
 
 
 def can_write_in(folder: Path) -> bool:
@@ -58,3 +61,40 @@ def check_new_folder(out: Path, flag: str = "export: OUT_DIR") -> None:
         raise UserError(f"{flag} '{out}' cannot be written: no write permission")
     if not out.exists():
         check_creatable(out, flag)
+
+
+def disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether writing into ``folder`` failed for want of space: ENOSPC, or a library's own wording of it
+    (safetensors: "StorageFull"; torch.save: "unexpected pos"), told by what is left free."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    if "No space left" in str(exc) or "StorageFull" in str(exc):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def written_beside(out: Path, what: str):
+    """A folder beside ``out`` (``.NAME.tmp``) to write into; when the block succeeds it takes ``out``'s place
+    (an earlier ``out`` is removed only then). On any failure it is removed, ``out`` is left as it was, and a
+    full disk is one line (RunFailed) naming ``what``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and not isinstance(exc, (UserError, RunFailed)) and disk_full(exc, out.parent):
+            raise RunFailed(f"disk full: writing {what} to {out} failed (no space left on {out.parent}); nothing "
+                            f"was left half-written and {out} is as it was; free space and run it again") from None
+        raise
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

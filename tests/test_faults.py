@@ -224,6 +224,29 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp_folder(data, tmp_path, size,
         subprocess.run(["umount", str(disk)], check=False)
 
 
+@pytest.mark.slow
+def test_a_full_disk_during_an_export_is_one_line_and_leaves_nothing(data, tmp_path):
+    """dist-train export onto a disk too small for the weights: one line, exit 3, no half folder beside it."""
+    run = finished_run(data)
+    disk = tmp_path / "tiny"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True,
+                             text=True) if os.geteuid() == 0 and shutil.which("mount") else None
+    if mounted is None or mounted.returncode != 0:
+        pytest.skip(f"needs root and a mountable tmpfs ({mounted.stderr.strip() if mounted else 'not root'})")
+    try:
+        step = sorted((run / "checkpoints").glob("step-*"))[-1]
+        result = subprocess.run([sys.executable, "-m", "launcher", "export", str(step), str(disk / "model")],
+                                capture_output=True, text=True, cwd=ROOT, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "2"})
+        assert result.returncode == 3, result.stderr[-3000:]
+        line = error_line(result)
+        assert "disk full" in line and str(disk / "model") in line, line
+        assert list(disk.iterdir()) == []  # neither the model nor .model.tmp
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
 # -- signals at every phase ---------------------------------------------------------------------------
 @pytest.mark.parametrize("phase, sig, code", [
     ("setup", "SIGTERM", 0), ("setup", "SIGINT", 130), ("step-3", "SIGTERM", 0), ("step-3", "SIGINT", 130),

@@ -16,14 +16,13 @@ from __future__ import annotations
 import mmap
 import os
 import re
-import shutil
 import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dist_train.errors import RunFailed, UserError
-from dist_train.paths import check_creatable
+from dist_train.paths import check_creatable, written_beside
 
 MAGIC = b"GGUF"
 
@@ -267,23 +266,12 @@ def _write_beside(model, tokenizer, generation, out: Path) -> None:
     """Write into ``.NAME.tmp`` beside ``out``, check the weights file, then swap it in."""
     from dist_train.model.files import check_weights
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
-    for stale in (tmp, old):
-        shutil.rmtree(stale, ignore_errors=True)
     try:
-        if generation is not None:
-            model.generation_config = generation
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        check_weights(tmp, "convert")
+        with written_beside(out, "the converted model") as tmp:
+            if generation is not None:
+                model.generation_config = generation
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            check_weights(tmp, "convert")
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise RunFailed(f"convert: writing the model failed ({exc.strerror or exc}); {out} was left as it was") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

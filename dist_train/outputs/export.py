@@ -9,7 +9,6 @@ from any training checkpoint, whatever engine wrote it, in one process and witho
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import yaml
 from dist_train.errors import RunFailed, UserError
 from dist_train.model.lora import ADAPTER_CONFIG, is_lora, merge, merged_copy, rebuild
 from dist_train.model.trainable import nonfinite
+from dist_train.paths import written_beside
 
 META_FILE = "dist_train.json"
 
@@ -56,14 +56,8 @@ def publish(model, tokenizer, out_dir: str | Path, task, state_dict: dict | None
         raise RunFailed(f"the final weights hold non-finite values ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
                         f"nothing was exported to {out_dir}; lower train.lr or resume from an earlier checkpoint")
     out = Path(out_dir)
-    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
-    for stale in (tmp, old):
-        shutil.rmtree(stale, ignore_errors=True)
-    export_model(model, tokenizer, tmp, task, state_dict=state_dict)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    with written_beside(out, "the model") as tmp:
+        export_model(model, tokenizer, tmp, task, state_dict=state_dict)
     return out
 
 
@@ -127,16 +121,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, adapter_only:
                             f"unexpected {unexpected[:3]})")
         model.tie_weights()
     # Written beside the target and renamed into place: an interrupted export leaves no half folder.
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if adapter_only:
-        AutoTokenizer.from_pretrained(description).save_pretrained(tmp)
-    else:
-        shutil.copytree(description, tmp, ignore=shutil.ignore_patterns(ADAPTER_CONFIG))
-    model.save_pretrained(tmp, safe_serialization=True)  # the peft model (adapter_only) writes its adapter folder
-    if out.exists():
-        out.rmdir()  # empty (checked above)
-    os.replace(tmp, out)
+    with written_beside(out, "the export") as tmp:
+        if adapter_only:
+            AutoTokenizer.from_pretrained(description).save_pretrained(tmp)
+        else:
+            shutil.copytree(description, tmp, ignore=shutil.ignore_patterns(ADAPTER_CONFIG))
+        model.save_pretrained(tmp, safe_serialization=True)  # the peft model (adapter_only): its adapter folder
     return out
 
 
