@@ -155,6 +155,20 @@ def test_a_resume_that_cannot_load_changes_nothing(data):
     assert snapshot(out) == before  # final/, metrics.jsonl and the report are untouched
 
 
+def test_resume_auto_where_every_checkpoint_is_damaged_says_so(data):
+    tmp, cfg = data
+    out = copy_of(data, "all_damaged")
+    for ckpt in (out / "checkpoints").glob("step-*"):
+        (ckpt / "model.safetensors").write_bytes(b"damaged")
+    before = snapshot(out)
+    result = train(cfg, out, "checkpoint.resume=auto")
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = error_line(result)
+    assert "every checkpoint in" in line and "is damaged" in line and "overwrite=true" in line, line
+    assert "pass checkpoint.resume=auto" not in line
+    assert snapshot(out) == before
+
+
 def test_overwrite_that_crashes_before_its_first_checkpoint_restores_the_old_run(data):
     tmp, cfg = data
     out = copy_of(data, "crash_overwrite")

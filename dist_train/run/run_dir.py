@@ -121,6 +121,15 @@ def preflight(cfg, resuming: bool | None = None, check_lock: bool = True) -> Non
     # a finished run or damaged checkpoints are never replaced without overwrite.
     leftovers_only = cfg.checkpoint.resume == "auto" and not (out / "final").exists() and not any(
         (out / "checkpoints").glob("step-*"))
+    if existing and not cfg.overwrite and not leftovers_only and cfg.checkpoint.resume == "auto":
+        # Asked to continue, and nothing can be continued: say why, not "pass checkpoint.resume=auto".
+        if any((out / "checkpoints").glob("step-*")):
+            why = (f"every checkpoint in '{out / 'checkpoints'}' is damaged (its files do not match its manifest), "
+                   "so there is nothing to continue from")
+        else:
+            why = f"'{out}' holds a finished run ({', '.join(existing)}) but no checkpoint to continue from"
+        raise UserError(f"checkpoint.resume=auto: {why}; start over with overwrite=true (the old run is kept "
+                        "aside until the new one has a checkpoint), or choose another output_dir=...")
     if existing and not cfg.overwrite and not leftovers_only:
         raise UserError(f"output_dir '{out}' already holds a run ({', '.join(existing)}); choose another "
                         "output_dir=..., pass checkpoint.resume=auto to continue it, or overwrite=true to replace it")
