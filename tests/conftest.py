@@ -99,6 +99,14 @@ def cached_run(cache: dict, tmp: Path, cfg: Path, runs: dict, name: str, *extra,
     return cache[key]
 
 
+def records(out: Path, split: str | None = None) -> list[dict]:
+    """The records of a run's metrics.jsonl (those of one ``split``: train, validation, test, ranks)."""
+    import json
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return rows if split is None else [r for r in rows if r["split"] == split]
+
+
 def max_diff(a: Path, b: Path) -> float:
     """Largest absolute difference between the weights of two model folders (same tensor names)."""
     from safetensors.torch import load_file

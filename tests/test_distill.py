@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import NO_DROPOUT, cached_run, cue_rows, execute, max_diff, snapshot, tiny_config, worker_cmd
+from conftest import NO_DROPOUT, cached_run, cue_rows, execute, max_diff, records, snapshot, tiny_config, worker_cmd
 from launcher.cli import main
 
 
@@ -132,9 +131,6 @@ def run(work, name: str, *extra, env=None, key=None):
     tmp, cfg, _ = work
     return cached_run(_runs, tmp, cfg, RUNS, name, *extra, env=env, key=key)
 
-
-def records(out: Path, split: str) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
 
 
 def test_the_student_keeps_two_layers_learns_and_exports_the_stock_architecture(work):

@@ -8,7 +8,6 @@ the same parameters - with uneven lengths, padding and a short last step.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -17,7 +16,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import NO_DROPOUT, ROOT, SENTIMENT, execute, head, tiny_config, worker_cmd
+from conftest import NO_DROPOUT, ROOT, SENTIMENT, execute, head, records, tiny_config, worker_cmd
 
 TRAIN_ROWS = 150  # 18 full steps of 8 examples and a short last one (6): fillers at world 2
 
@@ -65,9 +64,6 @@ def run(workdir, name):
         _done[name] = out
     return _done[name]
 
-
-def records(out, split):
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
 
 
 def max_diff(a, b) -> float:

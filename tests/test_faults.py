@@ -191,7 +191,8 @@ def test_a_second_run_into_the_same_folder_stops_at_once(data):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     try:
         deadline = time.monotonic() + 60
-        while not (out / ".dist-train.lock").exists() and time.monotonic() < deadline:
+        while not (out / ".dist-train.lock").exists():
+            assert time.monotonic() < deadline and first.poll() is None, "the first run never took the lock"
             time.sleep(0.1)
         second = train(cfg, out)
         assert_user_error(second, "is in use by another dist-train run", f"pid {first.pid}")
@@ -292,7 +293,8 @@ def test_sigterm_while_the_process_is_still_importing(data):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     # As soon as the process catches SIGTERM (its first line does), while it is still importing torch.
     deadline = time.monotonic() + 30
-    while not catches(proc.pid, signal.SIGTERM) and time.monotonic() < deadline:
+    while not catches(proc.pid, signal.SIGTERM):
+        assert time.monotonic() < deadline and proc.poll() is None, "the process never installed its SIGTERM handler"
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)

@@ -15,8 +15,8 @@ import pickle
 import pytest
 import torch
 from conftest import NO_DROPOUT, TINY_BERT, assert_user_error, max_diff, run_cli
-from test_resume import (EPOCHS, ROWS, assert_same_history, records, train_run, uninterrupted,  # noqa: F401
-                         work)
+from conftest import records
+from test_resume import EPOCHS, ROWS, assert_same_history, train_run, uninterrupted, work  # noqa: F401
 
 FSDP = ("engine.kind=fsdp",)
 FAIL_AT_10 = {"DIST_TRAIN_FAIL_AT": "0:10"}

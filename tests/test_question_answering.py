@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import NO_DROPOUT, cached_run, max_diff, snapshot, tiny_config
+from conftest import NO_DROPOUT, cached_run, max_diff, records, snapshot, tiny_config
 from launcher.cli import main
 
 FILLER = ("the a river stone green quiet morning house road window table garden letter music paper cloud "
@@ -82,9 +81,6 @@ def run(work, name: str, *extra, env=None, key=None):
     tmp, cfg, _ = work
     return cached_run(_runs, tmp, cfg, RUNS, name, *extra, env=env, key=key)
 
-
-def records(out: Path, split: str) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
 
 
 def scores(report: dict) -> dict:

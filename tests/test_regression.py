@@ -21,7 +21,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import NO_DROPOUT, execute, max_diff, run_cli, snapshot, tiny_config, worker_cmd
+from conftest import NO_DROPOUT, execute, max_diff, records, run_cli, snapshot, tiny_config, worker_cmd
 from launcher.cli import main
 
 SIZES = ["tiny", "small", "medium", "large", "huge"]
@@ -82,9 +82,6 @@ def run(work, name: str) -> Path:
         _runs[name] = out
     return _runs[name]
 
-
-def records(out: Path, split: str) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
 
 
 # -- the evaluator ---------------------------------------------------------------------------------------

@@ -24,6 +24,37 @@ def test_every_run_draws_its_report(trained):
     assert png_size(out / "report.png") == (1600, 1000)
 
 
+def test_the_report_shows_every_series_the_best_step_and_the_confusion_matrix(trained):
+    """What the picture holds, read from its figure: the panels, the best validation step circled at the
+    step and value the run recorded as best, and the test confusion matrix with the test counts."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from dist_train.outputs.report import read_run, report_figure
+
+    out, _, reports, _ = trained
+    run = read_run(out)
+    fig = report_figure([run])
+    try:
+        panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+        assert {"training loss", "learning rate", "gradient norm", "throughput (examples/s)",
+                "validation accuracy", "test confusion matrix"} <= set(panels)
+        best = [r for r in run.validation if r["accuracy"] == max(v["accuracy"] for v in run.validation)][0]
+        (label,) = [t.get_text() for t in panels["validation accuracy"].texts if t.get_text().startswith("best")]
+        assert label == f"best {best['accuracy']:.4g} @ {best['step']}"
+        (circle,) = panels["validation accuracy"].collections
+        assert circle.get_offsets().tolist() == [[best["step"], best["accuracy"]]]
+        counts = json.loads((out / "eval_report.json").read_text())["confusion_matrix"]["rows_true_cols_pred"]
+        assert panels["test confusion matrix"].images[0].get_array().tolist() == counts
+        assert sum(map(sum, counts)) == reports["test"]["n"]
+        steps = [r["step"] for r in run.train]
+        (raw, smoothed) = panels["training loss"].lines
+        assert list(raw.get_xdata()) == steps and len(smoothed.get_xdata()) == len(steps)
+    finally:
+        plt.close(fig)
+
+
 def test_report_command_draws_one_run_or_overlays_several(trained, tmp_path):
     out, _, _, _ = trained
     for name in ("lr-a", "lr-b"):

@@ -16,8 +16,8 @@ import sys
 import time
 
 import pytest
-from conftest import (NO_DROPOUT, ROOT, SENTIMENT, TINY_BERT, assert_user_error, execute, head, max_diff, run_cli,
-                      tiny_config, worker_cmd)
+from conftest import (NO_DROPOUT, ROOT, SENTIMENT, TINY_BERT, assert_user_error, execute, head, max_diff, records,
+                      run_cli, tiny_config, worker_cmd)
 
 ROWS, EPOCHS = 150, 2  # micro-batch 4: 38 batches an epoch (the last one short)
 ENGINES = {  # name: (processes, grad accum, overrides); all take 2 micro-batches per optimizer step
@@ -65,10 +65,6 @@ def train_run(work, key, nproc, cfg_name, *overrides, env=None, expect_ok=True):
 def uninterrupted(work, engine, cfg_name="dropout"):
     nproc, ga, extra = ENGINES[engine]
     return train_run(work, f"{engine}-{cfg_name}-full", nproc, cfg_name, f"train.grad_accum={ga}", *extra)[0]
-
-
-def records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_same_history(full, resumed):

@@ -18,7 +18,7 @@ import random
 import pytest
 import torch
 import yaml
-from conftest import execute, max_diff, run_cli, worker_cmd
+from conftest import execute, max_diff, records, run_cli, worker_cmd
 
 from dist_train.config import load_config
 
@@ -98,9 +98,6 @@ def run(work, key: str, engine: str, *overrides, lora: bool = True, out: str | N
         _runs[key] = (folder, result)
     return _runs[key]
 
-
-def records(out, split: str) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
 
 
 def same_reports(a, b) -> None:

@@ -97,7 +97,12 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def draw_runs(folders: list[str | Path], out: str | Path) -> Path:
     """One picture of one run, or of several overlaid (labelled by their folder names)."""
-    runs = [read_run(f) for f in folders]
+    return save(report_figure([read_run(f) for f in folders]), out)
+
+
+def report_figure(runs: list[RunRecords]):
+    """The matplotlib figure of ``runs``: a panel per training series, per validation metric (the best step
+    circled and labelled), and a single classification run's test confusion matrix."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +127,7 @@ def draw_runs(folders: list[str | Path], out: str | Path) -> Path:
         ax.axis("off")
     fig.suptitle(" vs ".join(run.name for run in runs))
     fig.subplots_adjust(left=0.05, right=0.98, top=0.93, bottom=0.06, hspace=0.45, wspace=0.3)
-    return save(fig, out)
+    return fig
 
 
 def save(fig, out: str | Path) -> Path:
