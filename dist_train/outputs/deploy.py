@@ -125,7 +125,7 @@ def _convert(folder: Path, tmp: Path, quantize: str | None) -> dict:
     if quantize:
         _quantize(fp32, tmp / ONNX_FILE)
         fp32.unlink()
-    record = _check(model, OnnxModel(tmp, "export"), batches, quantize)
+    record = _check(model, task, OnnxModel(tmp, "export"), batches, quantize)
     meta = read_meta(folder)
     meta["onnx"] = {"file": ONNX_FILE, "quantize": quantize, "inputs": names,
                     "exporter": f"torch.onnx (dynamo) {torch.__version__}", "check": record}
@@ -134,14 +134,9 @@ def _convert(folder: Path, tmp: Path, quantize: str | None) -> dict:
 
 
 def _check_batches(task) -> list[dict]:
-    """Tokenized batches of ``CHECK_TEXTS`` (sizes 8, 16 and 1: each padded to its own longest row)."""
-    pair = bool(task.cfg.data.text_pair_column)
-    texts, out = CHECK_TEXTS, []
-    for lo, hi in ((0, 8), (8, 24), (2, 3)):
-        chunk = texts[lo:hi]
-        out.append(dict(task.tokenizer(chunk, chunk[::-1] if pair else None, truncation=True, padding=True,
-                                       max_length=task.cfg.data.max_length, return_tensors="pt")))
-    return out
+    """Batches of ``CHECK_TEXTS`` as the task's model takes them (sizes 8, 16 and 1: each padded to its own
+    longest row)."""
+    return [task.check_batch(CHECK_TEXTS[lo:hi]) for lo, hi in ((0, 8), (8, 24), (2, 3))]
 
 
 class _Logits(torch.nn.Module):
@@ -198,9 +193,9 @@ def _quantize(src: Path, dst: Path) -> None:
 
 
 @torch.no_grad()
-def _check(model, onnx: OnnxModel, batches: list[dict], quantize: str | None) -> dict:
+def _check(model, task, onnx: OnnxModel, batches: list[dict], quantize: str | None) -> dict:
     """ONNX against PyTorch on the check batches: fp32 logits within ``FP32_TOLERANCE``; int8 the same
-    prediction (argmax; one output: within a tenth of the outputs' spread) on ``INT8_MIN_AGREEMENT`` of them."""
+    prediction (as the task decides it: ``Task.same_predictions``) on ``INT8_MIN_AGREEMENT`` of them."""
     diff, agree, total = 0.0, 0, 0
     for batch in batches:
         want = model(**batch).logits.float()
@@ -209,14 +204,7 @@ def _check(model, onnx: OnnxModel, batches: list[dict], quantize: str | None) ->
             raise UserError(f"export --onnx: the ONNX model's logits have shape {tuple(got.shape)}, PyTorch's "
                             f"{tuple(want.shape)}; nothing was written")
         diff = max(diff, float((got - want).abs().max()))
-        if want.dim() == 3:  # per token: only real (unpadded) positions count
-            keep = batch["attention_mask"].bool()
-            want, got = want[keep], got[keep]
-        if want.shape[-1] > 1:
-            same = got.argmax(-1) == want.argmax(-1)
-        else:
-            spread = float(want.max() - want.min()) or 1.0
-            same = (got - want).abs().squeeze(-1) <= 0.1 * spread
+        same = task.same_predictions(want, got, batch)
         agree, total = agree + int(same.sum()), total + same.numel()
     record = {"inputs": sum(len(b["input_ids"]) for b in batches), "max_abs_diff": diff,
               "agreement": agree / max(total, 1)}

@@ -234,6 +234,18 @@ class Task(abc.ABC):
         return metric, mode == "max" if mode else metric not in cls.lower_is_better
 
     # -- export and use ----------------------------------------------------------------------------------
+    def check_batch(self, texts: list[str]) -> dict:
+        """``texts`` as one padded batch of this model's inputs (``export --onnx`` checks the ONNX graph against
+        PyTorch on such batches). A model of text pairs gets each text with another as its pair."""
+        pair = bool(self.cfg.data.text_pair_column)
+        return dict(self.tokenizer(texts, texts[::-1] if pair else None, truncation=True, padding=True,
+                                   max_length=self.cfg.data.max_length, return_tensors="pt"))
+
+    def same_predictions(self, want: torch.Tensor, got: torch.Tensor, batch: dict) -> torch.Tensor:
+        """For each prediction in ``batch``, whether logits ``got`` predict what ``want`` does (an int8 export
+        against the fp32 model): the same label."""
+        return got.argmax(-1) == want.argmax(-1)
+
     def export_meta(self) -> dict:
         """What ``dist_train.json`` in an export records, for ``for_folder`` to rebuild this task."""
         return {"task": self.name, "max_length": self.cfg.data.max_length}

@@ -73,6 +73,10 @@ class MultiLabelTask(ClassificationTask):
         return MultiLabelEvaluator(self, device)
 
     # -- export and use --------------------------------------------------------------------------------
+    def same_predictions(self, want, got, batch) -> torch.Tensor:
+        """The same set of labels above ``task.threshold``."""
+        return (self.predicted(got)[1] == self.predicted(want)[1]).all(-1)
+
     def export_meta(self) -> dict:
         return {**super().export_meta(), "label_separator": self.cfg.data.label_separator,
                 "threshold": self.cfg.task.threshold}

@@ -159,6 +159,11 @@ class TokenClassificationTask(Task):
         return self.soft_kl_sum(outputs.logits[labelled], teacher.logits[labelled], temperature)
 
     # -- export and use --------------------------------------------------------------------------------
+    def same_predictions(self, want, got, batch) -> torch.Tensor:
+        """The same tag at every real (unpadded) position."""
+        keep = batch["attention_mask"].bool()
+        return got[keep].argmax(-1) == want[keep].argmax(-1)
+
     def export_meta(self) -> dict:
         d = self.cfg.data
         return {**super().export_meta(), "text_column": d.text_column, "label_column": d.label_column,
