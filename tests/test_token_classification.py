@@ -16,7 +16,7 @@ import re
 import pytest
 import torch
 
-from conftest import NO_DROPOUT, cached_run, max_diff, records, snapshot, tiny_config
+from conftest import NO_DROPOUT, cached_run, max_diff, records, run_cli, snapshot, tiny_config
 from launcher.cli import main
 
 PER = [["alice"], ["bob"], ["zorblax"], ["quintana"], ["mary", "jane"]]
@@ -85,10 +85,21 @@ def run(work, name: str, *extra, env=None, key=None):
     return cached_run(_runs, tmp, cfg, RUNS, name, *extra, env=env, key=key)
 
 
-
 def scores(report: dict) -> dict:
     """Everything of a report but the loss (a float sum whose order differs between ranks and batches)."""
     return {k: v for k, v in report.items() if k not in ("loss", "epoch")}
+
+
+@pytest.mark.slow
+def test_an_int8_onnx_tagger_agrees_with_pytorch_at_real_positions(work, tmp_path):
+    """export --onnx --quantize int8 of a tagger: checked tag by tag at unpadded positions, then predict on it."""
+    out, _ = run(work, "single")
+    result = run_cli("export", out / "final", tmp_path / "onnx", "--onnx", "--quantize", "int8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    check = json.loads((tmp_path / "onnx" / "dist_train.json").read_text())["onnx"]["check"]
+    assert check["agreement"] >= 0.9 and check["inputs"] == 25
+    result = run_cli("predict", tmp_path / "onnx", "Alice met Bob in Paris")
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr[-3000:]
 
 
 # -- metrics: seqeval's, from counts that add up over ranks ---------------------------------------------------
