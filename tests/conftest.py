@@ -72,6 +72,42 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, stdin: str 
                           cwd=cwd or ROOT, env=env, timeout=timeout, input=stdin)
 
 
+def in_process(argv: list, capfd) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``dist-train ARGV`` run in this process (``capfd``: pytest's)."""
+    from launcher.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    captured = capfd.readouterr()
+    return code, captured.out, captured.err
+
+
+def bad_input_folder(tmp: Path, cfg: Path, files: dict[str, str]) -> Path:
+    """``tmp/bad``: the bad-input ``files`` under ``data/`` and a copy of ``cfg`` whose output and cache go
+    there too, so that a row can show it wrote nothing."""
+    folder = tmp / "bad"
+    (folder / "data").mkdir(parents=True)
+    for name, text in files.items():
+        (folder / "data" / name).write_text(text)
+    (folder / "config.yaml").write_text(cfg.read_text().replace(str(tmp / "out"), str(folder / "out"))
+                                        .replace(str(tmp / "cache"), str(folder / "cache")))
+    return folder
+
+
+def assert_one_line_in_process(argv: list, capfd, fragment: str, *untouched: Path) -> None:
+    """``dist-train ARGV`` in this process exits 2 with one line holding ``fragment`` and no traceback, and
+    every file under ``untouched`` is as it was."""
+    before = snapshot(*untouched)
+    code, _, stderr = in_process(argv, capfd)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith("dist-train: error: ") and fragment in lines[0], lines[0]
+    after = snapshot(*untouched)
+    assert after == before, set(after) ^ set(before)
+
+
 def worker_cmd(nproc: int, cfg, *overrides) -> list[str]:
     """`dist_train train` in one process (nproc 1, no launcher) or under real torchrun."""
     if nproc == 1:

@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_user_error, run_cli, snapshot, tiny_config
-from launcher.cli import main
+from conftest import assert_user_error, in_process, run_cli, snapshot, tiny_config
 
 CUDA = torch.cuda.is_available()
 
@@ -490,23 +489,13 @@ def expand(row: Row, w: Path) -> list[str]:
     return [a.format(**names) for a in argv]
 
 
-def run_in_process(argv: list[str], capfd) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of ``dist-train ARGV`` run in this process."""
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse
-        code = exc.code
-    captured = capfd.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.mark.parametrize("row", CONFIG + MODELS + DATA + OUTPUT_DIRS + USE + TEXT_TO_TEXT + LAUNCH + SUBMIT)
 def test_bad_input_is_one_line_and_touches_nothing(row, world, capfd, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     argv = expand(row, world)
     involved = [world] + ([Path(_minilm())] if "{minilm}" in str(row.argv) else [])
     before = snapshot(*involved)
-    code, _, stderr = run_in_process(argv, capfd)
+    code, _, stderr = in_process(argv, capfd)
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code == row.code, stderr
     assert "Traceback" not in stderr, stderr
@@ -553,7 +542,7 @@ def test_predict_takes_options_before_and_after_the_texts(world, capfd):
     final = str(world / "run" / "final")
     for argv in (["predict", final, "--max-length", "16", "great film", "dull"],
                  ["predict", final, "great film", "--max-length", "16", "dull"]):
-        code, out, err = run_in_process(argv, capfd)
+        code, out, err = in_process(argv, capfd)
         assert code == 0, err
         assert [line.split("\t")[2] for line in out.splitlines()] == ["great film", "dull"]
 

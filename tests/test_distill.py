@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import NO_DROPOUT, cached_run, cue_rows, execute, max_diff, records, snapshot, tiny_config, worker_cmd
-from launcher.cli import main
+from conftest import (NO_DROPOUT, cached_run, cue_rows, execute, in_process, max_diff, records, snapshot, tiny_config,
+                      worker_cmd)
 
 
 # -- the teacher's loss, per task ---------------------------------------------------------------------------
@@ -197,14 +197,6 @@ def test_resume_with_a_teacher_is_bit_exact(work):
 
 
 # -- bad input ------------------------------------------------------------------------------------------------
-def cli(argv: list, capfd) -> tuple[int, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    return code, capfd.readouterr().err
-
-
 BAD = [
     ("teacher-missing", ["distill.teacher={t}/nope"], "distill.teacher: '"),
     ("teacher-other-labels", ["task.label_names=[bad,good]"],
@@ -225,7 +217,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(work, case, capfd):
     _, overrides, fragment = case
     out = tmp / "bad-out"
     before = snapshot(tmp / "teacher")
-    code, stderr = cli(["train", cfg, f"output_dir={out}", *[o.format(t=tmp) for o in overrides]], capfd)
+    code, _, stderr = in_process(["train", cfg, f"output_dir={out}", *[o.format(t=tmp) for o in overrides]], capfd)
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
     assert fragment in lines[0], lines[0]

@@ -21,10 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import NO_DROPOUT, execute, max_diff, snapshot, tiny_config, worker_cmd
+from conftest import NO_DROPOUT, execute, in_process, max_diff, snapshot, tiny_config, worker_cmd
 from dist_train.config import load_config
 from dist_train.tasks import build_task
-from launcher.cli import main
 
 CUES = {"food": "pizza", "politics": "election", "sports": "football", "tech": "software"}
 FILLER = "the a today people city week story report new local after many".split()
@@ -101,15 +100,6 @@ def run(work, name: str):
 
 def report_of(out: Path) -> dict:
     return json.loads((out / "eval_report.json").read_text())
-
-
-def in_process(argv: list[str], capfd) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    captured = capfd.readouterr()
-    return code, captured.out, captured.err
 
 
 # -- data and metrics, no training -----------------------------------------------------------------------

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import NO_DROPOUT, cached_run, max_diff, records, snapshot, tiny_config
-from launcher.cli import main
+from conftest import (NO_DROPOUT, assert_one_line_in_process, bad_input_folder, cached_run, in_process, max_diff,
+                      records, tiny_config)
 
 FILLER = ("the a river stone green quiet morning house road window table garden letter music paper cloud "
           "bridge forest candle mirror").split()
@@ -211,19 +211,10 @@ def test_resume_is_bit_exact(work):
 
 
 # -- using the export ------------------------------------------------------------------------------------------
-def cli(argv: list, capfd) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    captured = capfd.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.mark.parametrize("data", ["test.jsonl", "test.json"])
 def test_eval_on_the_export_reproduces_the_test_report(work, data, capfd):
     out, _ = run(work, "single")
-    code, stdout, stderr = cli(["eval", out / "final", "--data", work[0] / data], capfd)
+    code, stdout, stderr = in_process(["eval", out / "final", "--data", work[0] / data], capfd)
     assert code == 0, stderr
     report, expected = json.loads(stdout), json.loads((out / "eval_report.json").read_text())
     assert scores(report) == scores(expected)
@@ -238,11 +229,11 @@ def test_predict_answers_as_transformers_reads_the_export(work, tmp_path, capfd)
     _, _, splits = work
     rows = [r for r in splits["test"] if len(r["context"].split()) < 14][:3]
     rows += [{"question": "what is the code word ?", "context": "river the code word is judy . stone"}]
-    code, stdout, stderr = cli(["predict", out / "final", "--question", rows[-1]["question"], "--context",
+    code, stdout, stderr = in_process(["predict", out / "final", "--question", rows[-1]["question"], "--context",
                                 rows[-1]["context"]], capfd)
     assert code == 0, stderr
     assert stdout.split("\t")[0] == "judy", stdout
-    code, stdout, stderr = cli(["predict", out / "final", *[x for r in rows for x in (r["question"], r["context"])]],
+    code, stdout, stderr = in_process(["predict", out / "final", *[x for r in rows for x in (r["question"], r["context"])]],
                                capfd)
     assert code == 0, stderr
     printed = [line.split("\t")[0] for line in stdout.splitlines()]
@@ -264,7 +255,7 @@ def test_predict_answers_as_transformers_reads_the_export(work, tmp_path, capfd)
     # --file: JSON lines -> TSV with the answer and its character span
     (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question": r["question"], "context": r["context"]}) + "\n"
                                               for r in rows))
-    code, stdout, stderr = cli(["predict", out / "final", "--file", tmp_path / "q.jsonl", "--output",
+    code, stdout, stderr = in_process(["predict", out / "final", "--file", tmp_path / "q.jsonl", "--output",
                                 tmp_path / "a.tsv"], capfd)
     assert code == 0, stderr
     lines = (tmp_path / "a.tsv").read_text().splitlines()
@@ -305,13 +296,7 @@ BAD = [  # (id, argv, fragment of the one error line)
 @pytest.fixture(scope="module")
 def bad(work):
     tmp, cfg, _ = work
-    folder = tmp / "bad"
-    (folder / "data").mkdir(parents=True)
-    for name, text in bad_rows().items():
-        (folder / "data" / name).write_text(text)
-    (folder / "config.yaml").write_text(cfg.read_text().replace(str(tmp / "out"), str(folder / "out"))
-                                        .replace(str(tmp / "cache"), str(folder / "cache")))
-    return folder
+    return bad_input_folder(tmp, cfg, bad_rows())
 
 
 @pytest.mark.parametrize("case", BAD, ids=[b[0] for b in BAD])
@@ -319,9 +304,4 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(work, bad, case, capfd)
     _, argv, fragment = case
     out, _ = run(work, "single")
     argv = argv.format(cfg=bad / "config.yaml", d=bad / "data", final=out / "final").split()
-    before = snapshot(bad, out)
-    code, _, stderr = cli(argv, capfd)
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
-    assert lines[0].startswith("dist-train: error: ") and fragment in lines[0], lines[0]
-    assert snapshot(bad, out) == before
+    assert_one_line_in_process(argv, capfd, fragment, bad, out)

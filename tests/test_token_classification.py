@@ -16,8 +16,8 @@ import re
 import pytest
 import torch
 
-from conftest import NO_DROPOUT, cached_run, max_diff, records, run_cli, snapshot, tiny_config
-from launcher.cli import main
+from conftest import (NO_DROPOUT, assert_one_line_in_process, bad_input_folder, cached_run, in_process, max_diff,
+                      records, run_cli, tiny_config)
 
 PER = [["alice"], ["bob"], ["zorblax"], ["quintana"], ["mary", "jane"]]
 LOC = [["paris"], ["london"], ["kathmandu"], ["new", "york"]]
@@ -265,19 +265,10 @@ def test_resume_is_bit_exact(work):
 
 
 # -- using the export ------------------------------------------------------------------------------------------
-def cli(argv: list[str], capfd) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    captured = capfd.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.mark.parametrize("data", ["test.conll", "test.jsonl"])
 def test_eval_on_the_export_reproduces_the_test_report(work, data, capfd):
     out, _ = run(work, "single")
-    code, stdout, stderr = cli(["eval", out / "final", "--data", work[0] / data], capfd)
+    code, stdout, stderr = in_process(["eval", out / "final", "--data", work[0] / data], capfd)
     assert code == 0, stderr
     report, expected = json.loads(stdout), json.loads((out / "eval_report.json").read_text())
     assert scores(report) == scores(expected)
@@ -286,7 +277,7 @@ def test_eval_on_the_export_reproduces_the_test_report(work, data, capfd):
 
 def test_predict_prints_entities_with_word_spans(work, tmp_path, capfd):
     out, _ = run(work, "single")
-    code, stdout, stderr = cli(["predict", out / "final", "alice lives in paris", "mary jane works at acme",
+    code, stdout, stderr = in_process(["predict", out / "final", "alice lives in paris", "mary jane works at acme",
                                 "the"], capfd)
     assert code == 0, stderr
     lines = stdout.splitlines()
@@ -297,7 +288,7 @@ def test_predict_prints_entities_with_word_spans(work, tmp_path, capfd):
 
     (tmp_path / "in.jsonl").write_text(json.dumps({"tokens": ["bob", "visited", "london"]}) + "\n"
                                        + json.dumps({"tokens": ["the"]}) + "\n")
-    code, stdout, stderr = cli(["predict", out / "final", "--file", tmp_path / "in.jsonl", "--output",
+    code, stdout, stderr = in_process(["predict", out / "final", "--file", tmp_path / "in.jsonl", "--output",
                                 tmp_path / "out.tsv"], capfd)
     assert code == 0, stderr
     header, first, second = (line.split("\t") for line in (tmp_path / "out.tsv").read_text().splitlines())
@@ -361,13 +352,7 @@ BAD = [  # (id, argv after `dist-train`, fragment of the one line)
 @pytest.fixture(scope="module")
 def bad(work):
     tmp, cfg = work
-    folder = tmp / "bad"
-    (folder / "data").mkdir(parents=True)
-    for name, text in BAD_FILES.items():
-        (folder / "data" / name).write_text(text)
-    (folder / "config.yaml").write_text(cfg.read_text().replace(str(tmp / "out"), str(folder / "out"))
-                                        .replace(str(tmp / "cache"), str(folder / "cache")))
-    return folder
+    return bad_input_folder(tmp, cfg, BAD_FILES)
 
 
 @pytest.mark.parametrize("case", BAD, ids=[b[0] for b in BAD])
@@ -375,10 +360,4 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(work, bad, case, capfd)
     _, argv, fragment = case
     out, _ = run(work, "single")
     argv = argv.format(cfg=bad / "config.yaml", d=bad / "data", final=out / "final").split()
-    before = snapshot(bad, out)
-    code, _, stderr = cli(argv, capfd)
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
-    assert lines[0].startswith("dist-train: error: ") and fragment in lines[0], lines[0]
-    after = snapshot(bad, out)
-    assert after == before, set(after) ^ set(before)
+    assert_one_line_in_process(argv, capfd, fragment, bad, out)
