@@ -143,6 +143,31 @@ def records(out: Path, split: str | None = None) -> list[dict]:
     return rows if split is None else [r for r in rows if r["split"] == split]
 
 
+def assert_same_evaluations(reference: Path, out: Path, scores) -> None:
+    """Two runs validated at the same steps with the same ``scores(record)`` and losses within 1e-5 (a float
+    sum whose order differs between ranks and batches), on validation and test."""
+    import pytest
+
+    for split in ("validation", "test"):
+        ref, got = records(reference, split), records(out, split)
+        assert [r["step"] for r in got] == [r["step"] for r in ref] and ref, split
+        for a, b in zip(ref, got):
+            assert scores(b) == scores(a), split
+            assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+
+
+def assert_resume_is_bit_exact(run, work, fail_at: int, resumed_at: int) -> None:
+    """A run killed after step ``fail_at`` and resumed (from step ``resumed_at``) ends with the weights and the
+    test report of the uninterrupted run ``run(work, "single")``."""
+    reference, _ = run(work, "single")
+    out, failed = run(work, "single", env={"DIST_TRAIN_FAIL_AT": f"0:{fail_at}"}, key="resumed/failed")
+    assert failed.returncode != 0 and f"injected failure at step {fail_at}" in failed.stderr
+    _, resumed = run(work, "single", "checkpoint.resume=auto", key="resumed/again")
+    assert "resuming from" in resumed.stdout and f"at step {resumed_at}" in resumed.stdout, resumed.stdout
+    assert max_diff(reference / "final", out / "final") == 0.0
+    assert records(out, "test")[-1] == records(reference, "test")[-1]
+
+
 def max_diff(a: Path, b: Path) -> float:
     """Largest absolute difference between the weights of two model folders (same tensor names)."""
     from safetensors.torch import load_file

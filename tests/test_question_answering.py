@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (NO_DROPOUT, assert_one_line_in_process, bad_input_folder, cached_run, in_process, max_diff,
-                      records, tiny_config)
+from conftest import (NO_DROPOUT, assert_one_line_in_process, assert_resume_is_bit_exact, assert_same_evaluations,
+                      bad_input_folder, cached_run, in_process, tiny_config)
 
 FILLER = ("the a river stone green quiet morning house road window table garden letter music paper cloud "
           "bridge forest candle mirror").split()
@@ -192,22 +192,11 @@ def test_world_2_reports_what_world_1_reports(work, name):
     # qa_outputs.bias, 1e-4 on key biases, everything else < 1e-3). DDP ends bit-identical.
     noise = {k for k in a if k == "qa_outputs.bias" or k.endswith("attention.self.key.bias")}
     assert max((a[k] - b[k]).abs().max().item() for k in a if k not in noise) < (1e-6 if name == "ddp" else 1e-3)
-    for split in ("validation", "test"):
-        ref, got = records(reference, split), records(out, split)
-        assert [r["step"] for r in got] == [r["step"] for r in ref] and ref
-        for a, b in zip(ref, got):
-            assert scores(b) == scores(a), split
-            assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+    assert_same_evaluations(reference, out, scores)
 
 
 def test_resume_is_bit_exact(work):
-    reference, _ = run(work, "single")
-    out, failed = run(work, "single", env={"DIST_TRAIN_FAIL_AT": "0:25"}, key="resumed/failed")
-    assert failed.returncode != 0 and "injected failure at step 25" in failed.stderr
-    _, resumed = run(work, "single", "checkpoint.resume=auto", key="resumed/again")
-    assert "resuming from" in resumed.stdout and "at step 20" in resumed.stdout, resumed.stdout
-    assert max_diff(reference / "final", out / "final") == 0.0
-    assert records(out, "test")[-1] == records(reference, "test")[-1]
+    assert_resume_is_bit_exact(run, work, fail_at=25, resumed_at=20)
 
 
 # -- using the export ------------------------------------------------------------------------------------------

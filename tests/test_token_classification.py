@@ -16,8 +16,8 @@ import re
 import pytest
 import torch
 
-from conftest import (NO_DROPOUT, assert_one_line_in_process, bad_input_folder, cached_run, in_process, max_diff,
-                      records, run_cli, tiny_config)
+from conftest import (NO_DROPOUT, assert_one_line_in_process, assert_resume_is_bit_exact, assert_same_evaluations,
+                      bad_input_folder, cached_run, in_process, max_diff, records, run_cli, tiny_config)
 
 PER = [["alice"], ["bob"], ["zorblax"], ["quintana"], ["mary", "jane"]]
 LOC = [["paris"], ["london"], ["kathmandu"], ["new", "york"]]
@@ -246,22 +246,11 @@ def test_world_2_reports_what_world_1_reports(work, name):
     reference, _ = run(work, "single")
     out, _ = run(work, name)
     assert max_diff(reference / "final", out / "final") < 1e-4
-    for split in ("validation", "test"):
-        ref, got = records(reference, split), records(out, split)
-        assert [r["step"] for r in got] == [r["step"] for r in ref]
-        for a, b in zip(ref, got):
-            assert scores(b) == scores(a), split
-            assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+    assert_same_evaluations(reference, out, scores)
 
 
 def test_resume_is_bit_exact(work):
-    reference, _ = run(work, "single")
-    out, failed = run(work, "single", env={"DIST_TRAIN_FAIL_AT": "0:10"}, key="resumed/failed")
-    assert failed.returncode != 0 and "injected failure at step 10" in failed.stderr
-    _, resumed = run(work, "single", "checkpoint.resume=auto", key="resumed/again")
-    assert "resuming from" in resumed.stdout and "at step 8" in resumed.stdout, resumed.stdout
-    assert max_diff(reference / "final", out / "final") == 0.0
-    assert records(out, "test")[-1] == records(reference, "test")[-1]
+    assert_resume_is_bit_exact(run, work, fail_at=10, resumed_at=8)
 
 
 # -- using the export ------------------------------------------------------------------------------------------
