@@ -98,18 +98,23 @@ class Task(abc.ABC):
         the model needs (a label map)."""
 
     def splits_around(self, train) -> Splits:
-        """The splits of a run given its tokenized ``train``: ``data.validation`` and ``data.test`` through
-        ``split``, or, without a validation file, ``data.validation_split`` of train carved off."""
+        """The splits of a run given its ``train`` (read and tokenized): ``data.validation`` and ``data.test``
+        through ``split``, or, without a validation file, ``data.validation_split`` of train held out
+        (``hold_out``). Every task assembles its splits here."""
         d = self.cfg.data
         validation = test = None
         if d.validation:
             validation = self.split(d.validation, "data.validation")
         elif d.validation_split > 0:
-            parts = train.train_test_split(test_size=d.validation_split, seed=d.split_seed)
-            train, validation = parts["train"], parts["test"]
+            train, validation = self.hold_out(train, d.validation_split, d.split_seed)
         if d.test:
             test = self.split(d.test, "data.test")
         return Splits(train, validation, test)
+
+    def hold_out(self, train, fraction: float, seed: int) -> tuple:
+        """(train, validation): ``fraction`` of the training rows held out, drawn with ``seed``."""
+        parts = train.train_test_split(test_size=fraction, seed=seed)
+        return parts["train"], parts["test"]
 
     @abc.abstractmethod
     def split(self, path, what: str):

@@ -56,18 +56,14 @@ class LanguageModelTask(Task):
     def prepare(self, tokenizer) -> Splits:
         self.tokenizer = tokenizer
         d = self.cfg.data
-        train = self.split(d.train, "data.train")
-        validation = test = None
-        if d.validation:
-            validation = self.split(d.validation, "data.validation")
-        elif d.validation_split > 0:
-            if len(train) < 2:
-                raise UserError(f"data.validation_split: data.train has only {len(train)} block of "
-                                f"{d.max_length} tokens; nothing to split")
-            train, validation = train.split(d.validation_split, d.split_seed)
-        if d.test:
-            test = self.split(d.test, "data.test")
-        return Splits(train, validation, test)
+        return self.splits_around(self.split(d.train, "data.train"))
+
+    def hold_out(self, train, fraction: float, seed: int) -> tuple:
+        """Whole blocks of the token stream held out."""
+        if len(train) < 2:
+            raise UserError(f"data.validation_split: data.train has only {len(train)} block of "
+                            f"{self.cfg.data.max_length} tokens; nothing to split")
+        return train.split(fraction, seed)
 
     def split(self, spec, what: str):
         """The blocks of a corpus (paths, globs, folders or a list of these)."""

@@ -137,17 +137,16 @@ class QuestionAnsweringTask(Task):
         d = self.cfg.data
         examples = read_squad(d.train, "data.train")
         self.no_answer = any(not e["answer_texts"] for e in examples)
-        validation = test = None
-        if d.validation:
-            validation = self.split(d.validation, "data.validation")
-        elif d.validation_split > 0:  # hold out whole questions: one context's windows stay on one side
-            order = np.random.default_rng(d.split_seed).permutation(len(examples))
-            held = set(order[:max(1, round(d.validation_split * len(examples)))].tolist())
-            validation = self._windows([e for i, e in enumerate(examples) if i in held])
-            examples = [e for i, e in enumerate(examples) if i not in held]
-        if d.test:
-            test = self.split(d.test, "data.test")
-        return Splits(self._windows(examples), validation, test)
+        splits = self.splits_around(examples)
+        splits.train = self._windows(splits.train)  # the questions are split first, then cut into windows
+        return splits
+
+    def hold_out(self, examples, fraction: float, seed: int) -> tuple:
+        """Whole questions held out: one question's windows stay on one side."""
+        order = np.random.default_rng(seed).permutation(len(examples))
+        held = set(order[:max(1, round(fraction * len(examples)))].tolist())
+        return ([e for i, e in enumerate(examples) if i not in held],
+                self._windows([e for i, e in enumerate(examples) if i in held]))
 
     def split(self, path, what: str):
         return self._windows(read_squad(path, what))

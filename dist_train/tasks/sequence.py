@@ -53,16 +53,11 @@ class SequenceTask(Task):
         d = self.cfg.data
         if not isinstance(d.train, str):
             raise UserError(f"data.train: {self.name} reads one training file; give one path, not a list")
-        train = self._tokenize(*self.read(d.train))
-        validation = test = None
-        if d.validation:
-            validation = self.split(d.validation, "data.validation")
-        elif d.validation_split > 0:
-            parts = train.train_test_split(test_size=d.validation_split, seed=d.split_seed)
-            train, validation = parts["train"], self._numbered(parts["test"])
-        if d.test:
-            test = self.split(d.test, "data.test")
-        return Splits(train, validation, test)
+        return self.splits_around(self._tokenize(*self.read(d.train)))
+
+    def hold_out(self, train, fraction: float, seed: int) -> tuple:
+        train, validation = super().hold_out(train, fraction, seed)
+        return train, self._numbered(validation)  # positions in the held-out split, for Spearman's ranks
 
     def split(self, path, what: str):
         return self._tokenize(*self.read(path))
