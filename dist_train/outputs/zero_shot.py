@@ -16,6 +16,7 @@ from dist_train.errors import UserError
 
 def zero_shot(cfg, split: str = "test"):
     """(report, task) of ``model.pretrained`` on ``data.<split>`` (test or validation), in one process."""
+    from dist_train.engine import SingleEngine
     from dist_train.run.seeding import seed_everything
     from dist_train.tasks import build_task
 
@@ -28,4 +29,4 @@ def zero_shot(cfg, split: str = "test"):
         raise UserError(f"zero-shot: data.{split} is not set; give the file to evaluate on "
                         f"(data.{split}=PATH) or --split {'validation' if split == 'test' else 'test'}")
     seed_everything(cfg.train.seed)
-    return task.zero_shot(split), task
+    return task.zero_shot(SingleEngine(precision=cfg.train.precision), split), task

@@ -296,8 +296,9 @@ class Task(abc.ABC):
     task_fields: ClassVar[frozenset[str]] = frozenset()
     """Which of the task fields that only some tasks read (``config.TASK_ONLY_FIELDS``) this one reads."""
 
-    def zero_shot(self, split: str) -> dict:
-        """The report of ``model.pretrained`` on ``data.<split>`` with no training (``dist-train zero-shot``)."""
+    def zero_shot(self, engine, split: str) -> dict:
+        """The report of ``model.pretrained`` on ``data.<split>`` with no training (``dist-train zero-shot``),
+        run by ``engine`` (one process)."""
         from dist_train.tasks import TASKS, task_class
 
         able = ", ".join(n for n in TASKS if task_class(n).zero_shot is not Task.zero_shot)

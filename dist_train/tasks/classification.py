@@ -37,7 +37,7 @@ class ClassificationTask(SequenceTask):
         if t.template is not None and "{source}" not in t.template:
             raise UserError(f"config: task.template must contain {{source}} where each text goes, got {t.template[:80]!r}")
 
-    def zero_shot(self, split: str) -> dict:
+    def zero_shot(self, engine, split: str) -> dict:
         """Accuracy of a causal LM answering with the label word most likely after ``task.template`` (raw and
         calibrated: dist_train/tasks/prompting.py); no training, no classification head."""
         from dist_train.model.files import load_pretrained
@@ -58,7 +58,9 @@ class ClassificationTask(SequenceTask):
         rows, gold = self.read(getattr(d, split))
         tokenizer = self.load_tokenizer()
         model, _ = load_pretrained(self.cfg.model.pretrained, AutoModelForCausalLM, self.cfg.model.trust_remote_code)
-        return zero_shot_classification(model, tokenizer, t.template, t.label_words, list(rows[d.text_column]), gold,
+        engine.prepare(model)
+        engine.train(False)
+        return zero_shot_classification(engine, tokenizer, t.template, t.label_words, list(rows[d.text_column]), gold,
                                         self.labels.names, self.cfg.train.eval_batch_size)
 
     def read(self, path: str):

@@ -43,15 +43,16 @@ def label_token_ids(tokenizer, template: str, words: list[str]) -> list[int]:
 
 
 @torch.no_grad()
-def label_log_probs(model, tokenizer, prompts: list[str], token_ids: list[int], batch_size: int) -> torch.Tensor:
-    """(prompts x label words) log-probabilities of each label word's first token right after each prompt."""
+@torch.no_grad()
+def label_log_probs(engine, tokenizer, prompts: list[str], token_ids: list[int], batch_size: int) -> torch.Tensor:
+    """(prompts x label words) log-probabilities of each label word's first token right after each prompt,
+    from the causal LM that ``engine`` runs (on its device, in its precision); on the CPU."""
     tokenizer.padding_side = "left"  # the next token is read at the last position of every row
-    model.eval()
     out = []
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True)
-        logits = model(**enc, logits_to_keep=1).logits[:, -1].float()
-        out.append(torch.log_softmax(logits, dim=-1)[:, token_ids])
+        logits = engine.forward(**{k: v.to(engine.device) for k, v in enc.items()}, logits_to_keep=1).logits
+        out.append(torch.log_softmax(logits[:, -1].float(), dim=-1)[:, token_ids].cpu())
     return torch.cat(out)
 
 
@@ -64,12 +65,12 @@ def scores_report(predicted: torch.Tensor, gold: list[int], names: list[str]) ->
             "predicted_share": {n: pred.count(i) / max(len(pred), 1) for i, n in enumerate(names)}}
 
 
-def zero_shot_classification(model, tokenizer, template: str, words: list[str], texts: list[str], gold: list[int],
+def zero_shot_classification(engine, tokenizer, template: str, words: list[str], texts: list[str], gold: list[int],
                              names: list[str], batch_size: int) -> dict:
     """Accuracy and macro F1 of the raw and the calibrated answers, and the content-free probabilities."""
     ids = label_token_ids(tokenizer, template, words)
-    scores = label_log_probs(model, tokenizer, [fill(template, t) for t in texts], ids, batch_size)
-    free = label_log_probs(model, tokenizer, [fill(template, t) for t in CONTENT_FREE], ids, batch_size).exp()
+    scores = label_log_probs(engine, tokenizer, [fill(template, t) for t in texts], ids, batch_size)
+    free = label_log_probs(engine, tokenizer, [fill(template, t) for t in CONTENT_FREE], ids, batch_size).exp()
     prior = (free / free.sum(dim=1, keepdim=True)).mean(dim=0)
     calibrated = scores - prior.log()
     return {"n": len(texts), **scores_report(scores.argmax(dim=1), gold, names),

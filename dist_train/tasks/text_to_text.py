@@ -403,15 +403,13 @@ class TextToTextTask(Task):
     def prediction_columns(self, prediction: dict) -> dict[str, str]:
         return {"prediction": " ".join(prediction["generated"].split())}
 
-    def zero_shot(self, split: str) -> dict:
+    def zero_shot(self, engine, split: str) -> dict:
         """The untrained model through the same evaluation as training's (k-shot: ``task.few_shot``)."""
-        from dist_train.engine import SingleEngine
         from dist_train.evaluation.loop import evaluate
 
         self.cfg.model.lora = None  # the model as it is (adapters would start as a no-op anyway)
         self.load_tokenizer()
         splits = self.prepare(self.tokenizer)  # train too: k-shot prompts draw their examples from it
-        engine = SingleEngine(precision=self.cfg.train.precision)
         engine.prepare(self.build_model())
         engine.train(False)
         return evaluate(engine, self, getattr(splits, split), self.cfg.train.eval_batch_size, split)
