@@ -521,6 +521,7 @@ def test_a_new_process_exits_2_with_one_line(world, argv, fragment):
     assert snapshot(world) == before
 
 
+@pytest.mark.slow
 def test_predict_file_dash_reads_standard_input(world):
     """``--file -``: standard input as a TSV with a header; predictions to standard output (or --output)."""
     final = world / "run" / "final"
@@ -547,6 +548,7 @@ def test_predict_takes_options_before_and_after_the_texts(world, capfd):
         assert [line.split("\t")[2] for line in out.splitlines()] == ["great film", "dull"]
 
 
+@pytest.mark.slow
 def test_a_worker_s_user_error_is_one_line_once_without_torchrun_s_report(world):
     """Found only by the workers (the launcher checks that files exist, not what is in them): each of the
     2 ranks stops on it; the user sees it once, exit 2, no traceback and no torchrun failure table."""

@@ -12,6 +12,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # benchmarks, on tiny settings
+
 
 def test_resume_bench_runs_on_a_tiny_setting(tmp_path):
     out = tmp_path / "resume.json"

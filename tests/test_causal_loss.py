@@ -263,6 +263,7 @@ def test_training_run_ends_at_the_stock_runs_weights(stock_run):
     assert max_diff(tmp / "ours" / "final", tmp / "stock" / "final") < 1e-5
 
 
+@pytest.mark.slow
 def test_zero3_world_2_with_the_chunked_loss_ends_at_the_stock_runs_weights(stock_run):
     """DeepSpeed ZeRO-3 gathers the (tied) output layer only around its forward and backward: the chunked loss
     runs inside that forward. World 2 x 1 micro-batch = world 1 x accumulation 2 (the same global batch)."""

@@ -26,6 +26,7 @@ def learned(tmp_path_factory):
     return tmp / "out" / "final"
 
 
+@pytest.mark.slow
 def test_predict_texts_prints_label_and_probability(learned):
     """Clear examples get the right label, with the softmax probability of that label (checked against the
     Hugging Face pipeline's scores for both labels, which sum to 1)."""
@@ -47,6 +48,7 @@ def test_predict_texts_prints_label_and_probability(learned):
         assert float(prob) > 0.9, line  # clear cases, confidently (measured 0.97)
 
 
+@pytest.mark.slow
 def test_predict_file_writes_one_row_per_input(trained, tmp_path):
     out, _, _, _ = trained
     reviews = ['He said "wow".', "Flat and dull.", "An utter delight from start to finish."]
@@ -63,6 +65,7 @@ def test_predict_file_writes_one_row_per_input(trained, tmp_path):
         assert float(prob) == max(float(p_neg), float(p_pos))
 
 
+@pytest.mark.slow
 def test_eval_reproduces_the_training_test_report(trained, tmp_path):
     out, _, reports, files = trained
     result = run_cli("eval", out / "final", "--data", files["test"], "--output", tmp_path / "report.json")
@@ -74,6 +77,7 @@ def test_eval_reproduces_the_training_test_report(trained, tmp_path):
     assert abs(report["loss"] - reports["test"]["loss"]) < 1e-5
 
 
+@pytest.mark.slow
 def test_eval_and_predict_errors_are_one_line(trained, tmp_path):
     out, _, _, _ = trained
     bad = tmp_path / "bad.tsv"

@@ -40,6 +40,7 @@ def predictions(folder, texts):
     return ModelInUse(model_folder, {"max_length": model_folder.max_length(None)}).predict(texts, None, 3)
 
 
+@pytest.mark.slow
 def test_onnx_folders_predict_what_pytorch_predicts(trained, exports):
     out, _, _, files = trained
     texts = TEXTS + [line.split("\t")[0] for line in files["test"].read_text().splitlines()[1:]]
@@ -69,6 +70,7 @@ def test_onnx_folders_predict_what_pytorch_predicts(trained, exports):
     assert leftovers == []
 
 
+@pytest.mark.slow
 def test_predict_and_eval_take_an_onnx_folder(trained, exports, tmp_path):
     out, _, _, files = trained
     result = run_cli("predict", exports["int8"], *TEXTS[:2])
@@ -94,6 +96,7 @@ def test_predict_and_eval_take_an_onnx_folder(trained, exports, tmp_path):
     assert_user_error(run_cli("predict", exports["fp32"], "--precision", "bf16", "x"), "ONNX folder", "--precision")
 
 
+@pytest.mark.slow
 def test_bad_export_input_is_one_line_and_writes_nothing(trained, exports, tmp_path):
     out, _, _, files = trained
     busy = tmp_path / "busy"
@@ -112,6 +115,7 @@ def test_bad_export_input_is_one_line_and_writes_nothing(trained, exports, tmp_p
     assert snapshot(tmp_path, out) == before
 
 
+@pytest.mark.slow
 def test_a_failed_check_leaves_nothing_behind(trained, tmp_path, monkeypatch):
     """The ONNX graph is checked against PyTorch before the folder is renamed into place."""
     from dist_train.errors import UserError
@@ -141,6 +145,7 @@ def test_a_missing_extra_names_the_install_command(monkeypatch):
         OnnxModel("some/folder")
 
 
+@pytest.mark.slow
 def test_predict_bench_runs_every_arm_on_a_tiny_setting(trained, exports, tmp_path):
     out, _, _, files = trained
     result = subprocess.run(

@@ -133,6 +133,7 @@ def run(work, name: str, *extra, env=None, key=None):
 
 
 
+@pytest.mark.slow
 def test_the_student_keeps_two_layers_learns_and_exports_the_stock_architecture(work):
     from transformers import AutoModelForSequenceClassification
 
@@ -156,6 +157,7 @@ def test_the_student_keeps_two_layers_learns_and_exports_the_stock_architecture(
     assert total < 4 * sum(v.numel() * 4 for v in exported.values()), (total, saved)  # weights + Adam moments
 
 
+@pytest.mark.slow
 def test_distillation_pulls_the_student_to_the_teacher(work):
     """weight 1 = the teacher alone: the student matches the teacher's probabilities more closely than a
     student of the same start trained on the labels alone (weight 0 - distill off)."""
@@ -177,6 +179,7 @@ def test_distillation_pulls_the_student_to_the_teacher(work):
     assert gap["soft"] < gap["hard"], gap
 
 
+@pytest.mark.slow
 def test_zero3_reports_what_one_process_reports(work):
     reference, _ = run(work, "single")
     out, _ = run(work, "zero3")
@@ -186,6 +189,7 @@ def test_zero3_reports_what_one_process_reports(work):
         assert ref and [r["accuracy"] for r in got] == [r["accuracy"] for r in ref]
 
 
+@pytest.mark.slow
 def test_resume_with_a_teacher_is_bit_exact(work):
     reference, _ = run(work, "single")
     out, failed = run(work, "single", env={"DIST_TRAIN_FAIL_AT": "0:10"}, key="resumed/failed")
@@ -211,6 +215,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(work, case, capfd):
     tmp, cfg, _ = work

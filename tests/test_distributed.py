@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from conftest import NO_DROPOUT, ROOT, SENTIMENT, execute, head, records, tiny_config, worker_cmd
 
+pytestmark = pytest.mark.slow  # every test here starts real multi-process jobs
+
 TRAIN_ROWS = 150  # 18 full steps of 8 examples and a short last one (6): fillers at world 2
 
 

@@ -79,6 +79,7 @@ def leftovers(out) -> list[str]:
 
 
 # -- non-finite steps -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_diverging_run_stops_with_exit_3_and_overwrite_keeps_the_old_run(data):
     tmp, cfg = data
     out = copy_of(data, "diverged")
@@ -90,6 +91,7 @@ def test_a_diverging_run_stops_with_exit_3_and_overwrite_keeps_the_old_run(data)
     assert snapshot(out) == before  # the earlier run is back, byte for byte; no .previous, no lock
 
 
+@pytest.mark.slow
 def test_a_nan_step_names_the_last_good_checkpoint_and_exports_nothing(data):
     tmp, cfg = data
     out = tmp / "nan5"
@@ -104,6 +106,7 @@ def test_a_nan_step_names_the_last_good_checkpoint_and_exports_nothing(data):
     assert not leftovers(out)
 
 
+@pytest.mark.slow
 def test_max_nonfinite_steps_skips_a_nan_step_on_every_rank(data):
     """World 2: NaN logits on rank 1 at step 5 make the all-reduced gradients NaN everywhere; both ranks skip
     that update alike and the run finishes with finite weights."""
@@ -122,6 +125,7 @@ def test_max_nonfinite_steps_skips_a_nan_step_on_every_rank(data):
 
 
 # -- checkpoints that are damaged, resumes that fail ---------------------------------------------------
+@pytest.mark.slow
 def test_a_damaged_best_checkpoint_is_set_aside_and_never_exported(data):
     tmp, cfg = data
     out = tmp / "damaged_best"
@@ -140,6 +144,7 @@ def test_a_damaged_best_checkpoint_is_set_aside_and_never_exported(data):
     assert max_diff(out / "final", out / "checkpoints" / "step-24") == 0.0  # the last weights, not damaged ones
 
 
+@pytest.mark.slow
 def test_a_resume_that_cannot_load_changes_nothing(data):
     tmp, cfg = data
     out = copy_of(data, "bad_resume")
@@ -155,6 +160,7 @@ def test_a_resume_that_cannot_load_changes_nothing(data):
     assert snapshot(out) == before  # final/, metrics.jsonl and the report are untouched
 
 
+@pytest.mark.slow
 def test_resume_auto_where_every_checkpoint_is_damaged_says_so(data):
     tmp, cfg = data
     out = copy_of(data, "all_damaged")
@@ -169,6 +175,7 @@ def test_resume_auto_where_every_checkpoint_is_damaged_says_so(data):
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_overwrite_that_crashes_before_its_first_checkpoint_restores_the_old_run(data):
     tmp, cfg = data
     out = copy_of(data, "crash_overwrite")
@@ -183,6 +190,7 @@ def test_overwrite_that_crashes_before_its_first_checkpoint_restores_the_old_run
 
 
 # -- one writer ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_second_run_into_the_same_folder_stops_at_once(data):
     tmp, cfg = data
     out = tmp / "busy"
@@ -202,6 +210,7 @@ def test_a_second_run_into_the_same_folder_stops_at_once(data):
     assert not (out / ".dist-train.lock").exists()
 
 
+@pytest.mark.slow
 def test_a_stale_lock_is_replaced_with_a_message(data):
     tmp, cfg = data
     out = tmp / "stale"
@@ -214,6 +223,7 @@ def test_a_stale_lock_is_replaced_with_a_message(data):
 
 
 # -- a full disk -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("size, says", [
     ("12m", "No space left on device"),  # the first checkpoint (~24 MB: weights + Adam state) fails to write
     ("40m", "checkpoint needs about"),  # the second is refused before writing: the first one's size is not free
@@ -263,6 +273,7 @@ def test_a_full_disk_during_an_export_is_one_line_and_leaves_nothing(data, tmp_p
 
 
 # -- signals at every phase ---------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("phase, sig, code", [
     ("setup", "SIGTERM", 0), ("setup", "SIGINT", 130), ("step-3", "SIGTERM", 0), ("step-3", "SIGINT", 130),
     ("step-3", "SIGUSR1", 0), ("finish", "SIGTERM", 0),
@@ -311,6 +322,7 @@ def catches(pid: int, sig: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_overwrite_stopped_before_training_restores_the_old_run(data):
     tmp, cfg = data
     out = copy_of(data, "stop_overwrite")
@@ -321,6 +333,7 @@ def test_overwrite_stopped_before_training_restores_the_old_run(data):
 
 
 # -- hangs ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_rank_that_stops_answering_ends_the_job_naming_it(data):
     tmp, cfg = data
     out = tmp / "frozen"

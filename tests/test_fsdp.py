@@ -59,6 +59,7 @@ def weights_diff(a: dict, b: dict) -> float:
 
 
 # -- loss normalisation and evaluation -------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["fsdp_w1_ga4_m2", "fsdp_w2_ga2_m2"])
 def test_same_parameters_however_the_global_batch_is_split(work, name):
     reference, out = split_run(work, "single_m8"), split_run(work, name)
@@ -68,6 +69,7 @@ def test_same_parameters_however_the_global_batch_is_split(work, name):
     assert loss == pytest.approx(ref_loss, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_exact_eval_counts_and_sharded_state_at_world_2(work):
     reference, out = split_run(work, "single_m8"), split_run(work, "fsdp_w2_ga2_m2")
     assert split(out, "train")[-1]["examples_seen"] == ROWS
@@ -86,6 +88,7 @@ def full_run(work):
     return train_run(work, "fsdp-dropout-full", 2, "dropout", "train.grad_accum=1", *FSDP)[0]
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(work):
     full = full_run(work)
     _, failed = train_run(work, "fsdp-resumed/fail", 2, "dropout", "train.grad_accum=1", *FSDP, env=FAIL_AT_10,
@@ -101,6 +104,7 @@ def test_resumed_run_equals_uninterrupted_run(work):
     assert_same_history(full, out)
 
 
+@pytest.mark.slow
 def test_resume_at_world_1_then_back_at_world_2(work):
     """Same global batch (2 micro-batches a step) on 2, then 1, then 2 ranks: DCP re-cuts model and Adam
     shards at each load, and the run ends where the uninterrupted one does."""
@@ -119,6 +123,7 @@ def test_resume_at_world_1_then_back_at_world_2(work):
     assert train[-1]["step"] == 38 and train[-1]["examples_seen"] == ROWS * EPOCHS
 
 
+@pytest.mark.slow
 def test_export_of_fsdp_shards_equals_export_from_ddp(work):
     tmp, _ = work
     exports = {}
@@ -151,6 +156,7 @@ def test_bad_fsdp_config_is_one_line(work, tmp_path, overrides, needles):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_resumes_only_on_fsdp(work):
     _, configs = work
     result = run_cli("train", configs["dropout"], f"output_dir={full_run(work)}", "checkpoint.resume=auto",

@@ -172,6 +172,7 @@ def check_same_model(gguf_file: Path, out: Path) -> tuple:
     return plain, got
 
 
+@pytest.mark.slow
 def test_convert_gemma3_through_the_cli(tmp_path):
     src = tmp_path / "tiny-gemma3.gguf"
     tensors = write_gemma3(src)

@@ -76,6 +76,7 @@ def test_torchrun_leaves_the_stop_signals_and_ctrl_c_to_the_workers():
     assert "--signals-to-handle=SIGHUP,SIGQUIT" in cmd  # torchrun still ends the job on these
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_saves_a_checkpoint_and_exits_0(tmp_path, sentiment_slice):
     """Kubernetes and SLURM send SIGTERM before they kill: the workers (not torchrun) must get it, save at
     their next log step and exit 0 (torchrun on its own would SIGTERM them and SIGKILL them 30 s later)."""
@@ -111,6 +112,7 @@ def test_a_worker_killed_under_launch_is_one_line_naming_the_rank_and_the_resume
     assert "rank 1 was killed by SIGKILL" in line and "checkpoint.resume=auto" in line, line
 
 
+@pytest.mark.slow
 def test_a_crash_under_launch_keeps_its_traceback_and_torchrun_s_report(tmp_path, sentiment_slice):
     """Only user errors are shortened to one line: a real crash stays diagnosable."""
     cfg = tiny_config(tmp_path, {"train": sentiment_slice["train"]}, logging={"tensorboard": False})

@@ -105,6 +105,7 @@ def test_only_the_adapters_and_the_head_train(built):
     assert sum(trainable.values()) / sum(p.numel() for p in built.parameters()) < 0.002
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_only_the_trained_tensors(work, built):
     tmp, _ = work
     step = uninterrupted(work, "single") / "checkpoints" / "step-20"
@@ -116,6 +117,7 @@ def test_checkpoint_holds_only_the_trained_tensors(work, built):
     assert (step / "hf" / "adapter_config.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_resumed_run_equals_uninterrupted_run(work, engine):
     full = uninterrupted(work, engine)
@@ -128,6 +130,7 @@ def test_resumed_run_equals_uninterrupted_run(work, engine):
     assert max_diff(full / "final", out / "final") == 0.0
 
 
+@pytest.mark.slow
 def test_final_is_the_merged_model_and_the_adapter_folder_loads_with_peft(work, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
@@ -162,6 +165,7 @@ def test_final_is_the_merged_model_and_the_adapter_folder_loads_with_peft(work, 
     assert clf("the film was wonderful")[0]["label"] in ("negative", "positive")
 
 
+@pytest.mark.slow
 def test_causal_lm_lora_learns_and_its_merged_export_generates(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -194,6 +198,7 @@ def test_causal_lm_lora_learns_and_its_merged_export_generates(tmp_path):
     assert generated.stdout.startswith("It is a truth") and len(generated.stdout) > len("It is a truth\n")
 
 
+@pytest.mark.slow
 def test_bad_lora_config_is_one_line(work):
     tmp, _ = work
     cfg = lora_config(work, "bad")

@@ -165,6 +165,7 @@ def test_one_label_is_a_label_matrix_too(work):
 
 
 # -- training --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_training_learns_the_cue_words(work):
     out, _ = run(work, "learn")
     report = report_of(out)
@@ -178,6 +179,7 @@ def test_training_learns_the_cue_words(work):
     assert json.loads((out / "final" / "labels.json").read_text())["values"] == sorted(CUES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ddp", "zero2"])
 def test_world_2_reports_what_world_1_does(work, name):
     reference, out = report_of(run(work, "world1")[0]), report_of(run(work, name)[0])
@@ -188,6 +190,7 @@ def test_world_2_reports_what_world_1_does(work, name):
     assert max_diff(run(work, "world1")[0] / "final", run(work, name)[0] / "final") < 1e-4
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_the_uninterrupted_one(work):
     full = run(work, "world1")[0]
     _, failed = run(work, "failed")
@@ -199,6 +202,7 @@ def test_resumed_run_equals_the_uninterrupted_one(work):
 
 
 # -- the export ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_eval_on_the_export_reproduces_the_test_report(work, capfd):
     tmp, _ = work
     out = run(work, "learn")[0]

@@ -37,6 +37,7 @@ def test_fused_adamw_matches_the_per_parameter_loop():
     assert 0 < max(v.abs().max().item() for v in models[True].values()) and diff < 1e-6, diff
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_like_the_eager_one_and_exports_plain(tmp_path, sentiment_slice):
     """train.compile captures forward and backward (aot_eager: the graphs without code generation); the
     weights match eager training and the export has the plain model's keys."""
@@ -58,6 +59,7 @@ def test_compiled_model_trains_like_the_eager_one_and_exports_plain(tmp_path, se
     assert diff < 1e-5, diff
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason="checks the script's CPU path (device: cpu); on a CUDA machine run bench/gpu_smoke.sh itself")
 def test_gpu_smoke_script_runs_tiny_on_cpu(tmp_path):
@@ -86,6 +88,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tunables")
 def test_training_reuses_freed_host_memory_instead_of_faulting_it_in_again(tmp_path, sentiment_slice):
     """train.reuse_host_memory (the default): a large block freed is reused with no new page faults; with it off,

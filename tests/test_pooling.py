@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -52,6 +53,7 @@ def test_auto_reads_the_sentence_transformers_pooling_config(tmp_path):
     assert pooling.resolve("cls", "all-MiniLM-L6-v2") == "cls" and pooling.resolve("mean", None) == "mean"
 
 
+@pytest.mark.slow
 def test_a_mean_pooled_export_evaluates_as_it_trained(tmp_path, sentiment_slice):
     files = {"train": sentiment_slice["train"], "validation": sentiment_slice["dev"], "test": sentiment_slice["test"]}
     cfg = load_config(tiny_config(tmp_path, files, task={"pooling": "mean"}, train={"epochs": 2}))

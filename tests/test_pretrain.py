@@ -63,6 +63,7 @@ def test_trained_tokenizers_round_trip_and_reload(tokenizers, corpus_dir):
         assert again(text)["input_ids"] == tokenizers[name](text)["input_ids"]
 
 
+@pytest.mark.slow
 def test_tokenizer_command_trains_and_saves_a_folder(corpus_dir, tmp_path):
     result = run_cli("tokenizer", corpus_dir / "*.txt", "--kind", "wordpiece", "--vocab-size", "500",
                      "--out", tmp_path / "tok")
@@ -209,6 +210,7 @@ def train_losses(out) -> list[float]:
             if r["split"] == "train"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["causal_lm", "masked_lm"])
 def test_language_model_loss_falls_and_exports_a_loadable_model(task, corpus_dir, tmp_path):
     cfg = load_config(lm_config(tmp_path, corpus_dir, task, train={"epochs": 2},
@@ -268,6 +270,7 @@ def test_sparse_mlm_logits_give_the_same_loss_and_gradients(tokenizers):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["causal_lm", "masked_lm"])
 def test_perplexity_over_exact_token_counts_agrees_at_world_1_and_2(task, corpus_dir, tmp_path):
     """Same global batch either way (world 1 x accumulation 2 = world 2 x 1): same model, same validation
@@ -292,6 +295,7 @@ def test_perplexity_over_exact_token_counts_agrees_at_world_1_and_2(task, corpus
     assert reports[2]["perplexity"] == pytest.approx(reports[1]["perplexity"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_masked_lm_resume_is_exact(corpus_dir, tmp_path):
     """Masks come from (seed, epoch, block): a resumed run draws the same ones as an uninterrupted run."""
     cfg = lm_config(tmp_path, corpus_dir, "masked_lm", train={"epochs": 1, "max_steps": 8},
@@ -306,6 +310,7 @@ def test_masked_lm_resume_is_exact(corpus_dir, tmp_path):
     assert max_diff(tmp_path / "full" / "final", tmp_path / "cut" / "final") == 0.0
 
 
+@pytest.mark.slow
 def test_language_model_config_errors_are_one_line(corpus_dir, tokenizers, tmp_path):
     cfg = lm_config(tmp_path, corpus_dir, "masked_lm")
     assert_user_error(run_cli("train", cfg, "data.max_length=100"), "exceeds the model's 64 positions")
@@ -318,6 +323,7 @@ def test_language_model_config_errors_are_one_line(corpus_dir, tokenizers, tmp_p
                       "fewer than one block")
 
 
+@pytest.mark.slow
 def test_continued_pretraining_of_minilm_gets_a_fresh_mlm_head(tmp_path):
     """configs/mlm_continue_minilm.yaml: the pretrained encoder is loaded, an MLM head is added, it trains."""
     result = run_cli("train", ROOT / "configs" / "mlm_continue_minilm.yaml", f"output_dir={tmp_path / 'out'}",
@@ -337,6 +343,7 @@ def test_continued_pretraining_of_minilm_gets_a_fresh_mlm_head(tmp_path):
     assert 0 < moved < 0.05  # started from the pretrained weights and took two small steps
 
 
+@pytest.mark.slow
 def test_generate_continues_prompts_deterministically(corpus_dir, tmp_path):
     """Greedy output equals a hand-run model.generate on the same input (end-of-text + prompt, as every
     training document started); sampling repeats under a seed; predict on a causal LM points to generate."""

@@ -40,6 +40,7 @@ def work(tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow
 def test_zero_shot_classification_equals_the_label_word_logits_by_hand(work):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

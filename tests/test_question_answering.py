@@ -165,6 +165,7 @@ def test_the_best_span_is_the_best_over_windows_and_no_answer_needs_to_win_by_th
 
 
 # -- training ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_training_learns_to_answer_and_to_say_no_answer(work):
     out, result = run(work, "single")
     report = json.loads((out / "eval_report.json").read_text())
@@ -180,6 +181,7 @@ def test_training_learns_to_answer_and_to_say_no_answer(work):
     assert config["architectures"] == ["BertForQuestionAnswering"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ddp", "zero3", "fsdp"])
 def test_world_2_reports_what_world_1_reports(work, name):
     from safetensors.torch import load_file
@@ -195,11 +197,13 @@ def test_world_2_reports_what_world_1_reports(work, name):
     assert_same_evaluations(reference, out, scores)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(work):
     assert_resume_is_bit_exact(run, work, fail_at=25, resumed_at=20)
 
 
 # -- using the export ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("data", ["test.jsonl", "test.json"])
 def test_eval_on_the_export_reproduces_the_test_report(work, data, capfd):
     out, _ = run(work, "single")

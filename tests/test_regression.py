@@ -176,6 +176,7 @@ def test_a_carved_validation_split_is_numbered_from_0(work, tmp_path):
 
 
 # -- training --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_training_learns_the_pairs(work):
     out = run(work, "w1")
     test = json.loads((out / "eval_report.json").read_text())
@@ -189,6 +190,7 @@ def test_training_learns_the_pairs(work):
     assert json.loads((out / "final" / "dist_train.json").read_text())["target_range"] == [0.0, 5.0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ddp", "zero3"])
 def test_world_2_reports_what_world_1_reports(work, name):
     reference, out = run(work, "w1"), run(work, name)
@@ -202,6 +204,7 @@ def test_world_2_reports_what_world_1_reports(work, name):
                 assert got[metric] == pytest.approx(ref[metric], abs=1e-5), (split, metric, ref, got)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(work):
     out = run(work, "resumed")
     assert max_diff(run(work, "w1") / "final", out / "final") == 0.0
@@ -212,6 +215,7 @@ def test_resume_is_bit_exact(work):
 
 
 # -- use of the export -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_eval_on_the_export_reproduces_the_test_report(work, tmp_path):
     out = run(work, "w1")
     _, _, files = work
@@ -224,6 +228,7 @@ def test_eval_on_the_export_reproduces_the_test_report(work, tmp_path):
         assert report[metric] == pytest.approx(trained[metric], abs=1e-6), metric
 
 
+@pytest.mark.slow
 def test_predict_pairs_matches_the_pipeline_in_original_units(work, tmp_path):
     """dist-train predict prints scores in the data's units (0-5); the plain pipeline, with
     function_to_apply="none", returns the model's output: the score scaled to [0, 1]."""
@@ -294,6 +299,7 @@ def bad_world(work, tmp_path_factory):
     return w
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, fragments", BAD, ids=[a.split(" ", 2)[0] + ":" + a.split(" ", 2)[-1] for a, _ in BAD])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad_world, argv, fragments, capfd):
     w = bad_world

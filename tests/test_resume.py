@@ -79,6 +79,7 @@ def assert_same_history(full, resumed):
 
 
 # -- 4. bit-exact ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_resumed_run_equals_uninterrupted_run(work, engine):
     nproc, ga, extra = ENGINES[engine]
@@ -103,6 +104,7 @@ WORLD_CHANGES = {  # name: (engine overrides, (processes, accumulation) before, 
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(WORLD_CHANGES))
 def test_resume_at_another_world_size(work, name):
     """Same global batch (2 micro-batches a step) on another number of ranks: the run continues as if
@@ -118,6 +120,7 @@ def test_resume_at_another_world_size(work, name):
     assert train[-1]["step"] == 38 and train[-1]["examples_seen"] == ROWS * EPOCHS
 
 
+@pytest.mark.slow
 def test_resume_with_another_global_batch_sees_each_example_once(work):
     """World 2 -> 1 without raising accumulation: the rest of the epoch is re-cut into smaller steps."""
     extra = ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=2"]
@@ -141,6 +144,7 @@ def test_plan_recut_at_another_world_size_covers_the_epoch_once():
 
 
 # -- 6. crashes --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_kill_9_of_a_worker_restarts_and_resumes_to_the_same_weights(work):
     tmp, configs = work
     full = uninterrupted(work, "ddp")
@@ -156,6 +160,7 @@ def test_kill_9_of_a_worker_restarts_and_resumes_to_the_same_weights(work):
     assert_same_history(full, out)
 
 
+@pytest.mark.slow
 def test_killed_while_saving_keeps_latest_on_the_previous_checkpoint(work):
     tmp, configs = work
     full = uninterrupted(work, "single")
@@ -173,6 +178,7 @@ def test_killed_while_saving_keeps_latest_on_the_previous_checkpoint(work):
     assert max_diff(full / "final", out / "final") == 0.0
 
 
+@pytest.mark.slow
 def test_corrupted_checkpoint_is_named_and_auto_falls_back(work):
     tmp, configs = work
     full = uninterrupted(work, "single")
@@ -192,6 +198,7 @@ def test_corrupted_checkpoint_is_named_and_auto_falls_back(work):
     assert max_diff(full / "final", out / "final") == 0.0
 
 
+@pytest.mark.slow
 def test_stop_signal_saves_stops_and_the_run_continues_exactly(work):
     """SIGUSR1 (checkpoint.stop_signals) = save after the current step and exit 0; resume=auto finishes."""
     tmp, configs = work
@@ -218,6 +225,7 @@ def test_stop_signal_saves_stops_and_the_run_continues_exactly(work):
 
 
 # -- what a resume may change ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_refuses_a_changed_model_engine_or_data(work):
     tmp, configs = work
     out, _ = train_run(work, "single-resumed", 1, "dropout", "engine.kind=single", "train.grad_accum=2")
@@ -237,6 +245,7 @@ def test_resume_refuses_a_changed_model_engine_or_data(work):
     assert result.returncode == 2 and "engine.deepspeed.zero_stage: 2 -> 3" in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_resume_may_extend_the_run(work):
     """max_steps, logging and eval cadence may change: continue a finished run for more steps."""
     tmp, configs = work
@@ -253,6 +262,7 @@ def test_resume_may_extend_the_run(work):
 
 
 # -- 7. export ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_export_from_zero3_shards_equals_export_from_ddp(work):
     tmp, _ = work
     exports = {}
@@ -276,6 +286,7 @@ def test_export_from_zero3_shards_equals_export_from_ddp(work):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_export_errors_are_one_line(work, tmp_path):
     assert_user_error(run_cli("export", tmp_path, tmp_path / "x"), "not a dist-train checkpoint")
     run_dir = uninterrupted(work, "single")

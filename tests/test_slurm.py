@@ -19,6 +19,8 @@ import pytest
 
 from conftest import SENTIMENT, TINY_BERT, assert_user_error, execute, head, max_diff, run_cli, tiny_config
 
+pytestmark = pytest.mark.slow  # a real SLURM cluster
+
 
 def cluster_up() -> str | None:
     """None if a SLURM cluster has an idle node; else why not."""

@@ -164,6 +164,7 @@ def test_generation_scores():
 
 # -- training on every engine --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ddp_equals_one_process_with_accumulation_and_reports_match(work):
     single, _ = run(work, "single", "single")
     ddp, _ = run(work, "ddp", "ddp")
@@ -175,6 +176,7 @@ def test_ddp_equals_one_process_with_accumulation_and_reports_match(work):
     assert [(r["source"], r["reference"]) for r in rows] == pairs(20, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["zero3", "fsdp"])
 def test_sharded_engines_equal_one_process(work, engine):
     single, _ = run(work, "single-full", "single", lora=False)
@@ -183,6 +185,7 @@ def test_sharded_engines_equal_one_process(work, engine):
     same_reports(single, sharded)
 
 
+@pytest.mark.slow
 def test_run_stopped_at_generation_validation_resumes_exactly(work):
     full, _ = run(work, "single", "single")
     # The stop request (after step 5) is read at step 6, whose validation generates text: the run finishes that
@@ -213,6 +216,7 @@ def test_batched_generation_with_left_padding_equals_one_at_a_time(work):
     assert batched == alone and any(batched)
 
 
+@pytest.mark.slow
 def test_export_predicts_generates_and_loads_in_pipeline(work, tmp_path):
     from transformers import pipeline
 
@@ -239,6 +243,7 @@ def test_export_predicts_generates_and_loads_in_pipeline(work, tmp_path):
     assert len((tmp_path / "report.outputs.jsonl").read_text().splitlines()) == 20
 
 
+@pytest.mark.slow
 def test_encoder_decoder_learns_and_beats_its_zero_shot_baseline(work, tmp_path):
     cfg = t2t_config(work, base="t5", lora=False, train={"max_steps": 160, "eval_every": 80, "lr": 3e-3},
                      task={"template": None, "validation_generations": 0}, checkpoint={"metric": "loss"})

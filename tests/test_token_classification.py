@@ -229,6 +229,7 @@ def test_truncation_is_reported_once_with_the_count(work, tmp_path, capfd):
 
 
 # -- training, world 2, resume ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_training_learns_the_tags(work):
     out, result = run(work, "single")
     report = json.loads((out / "eval_report.json").read_text())
@@ -241,6 +242,7 @@ def test_training_learns_the_tags(work):
     assert config["architectures"] == ["BertForTokenClassification"] and config["id2label"]["0"] == "B-LOC"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ddp", "zero2"])
 def test_world_2_reports_what_world_1_reports(work, name):
     reference, _ = run(work, "single")
@@ -249,11 +251,13 @@ def test_world_2_reports_what_world_1_reports(work, name):
     assert_same_evaluations(reference, out, scores)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(work):
     assert_resume_is_bit_exact(run, work, fail_at=10, resumed_at=8)
 
 
 # -- using the export ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("data", ["test.conll", "test.jsonl"])
 def test_eval_on_the_export_reproduces_the_test_report(work, data, capfd):
     out, _ = run(work, "single")
