@@ -353,6 +353,8 @@ class Run:
                                      (value > s.best_metric if self.maximize else value < s.best_metric)):
             s.best_metric, s.best_step = value, s.step
             self.ckpt.mark_best(s.step)
+            if self.last_saved == s.step:
+                self.last_saved = None  # saved before this validation: again, with the best step recorded
             self.save()
 
     def save_due(self, epoch_end: bool) -> bool:
