@@ -84,7 +84,7 @@ def main() -> None:
 
 
 def export(model: str, out: Path, quantize: str | None) -> tuple[str, dict]:
-    from dist_train.outputs.deploy import export_onnx
+    from dist_train.use.deploy import export_onnx
 
     start = time.perf_counter()
     _, check = export_onnx(model, str(out), quantize)
@@ -139,7 +139,7 @@ def run_here(a) -> dict:
 
     from dist_train.data.labels import LabelMap
     from dist_train.data.sources import read_table
-    from dist_train.outputs.inference import ModelFolder
+    from dist_train.use.inference import ModelFolder
 
     torch.set_num_threads(a.threads)
     folder = ModelFolder(a.folder)
@@ -173,7 +173,7 @@ def pipeline_arm(a, texts: list[str], max_length: int) -> tuple[list[str], float
 
 def dist_train_arm(a, folder, max_length: int) -> tuple[list[str], float]:
     """What `dist-train predict FOLDER --file DATA --output OUT` does once its model is loaded."""
-    from dist_train.outputs.inference import ModelInUse
+    from dist_train.use.inference import ModelInUse
 
     model = ModelInUse(folder, {"max_length": max_length})
     model.predict(["A warm-up text.", "Another, somewhat longer, warm-up text."], None, a.batch_size)

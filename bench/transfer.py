@@ -289,7 +289,7 @@ def draw_curve(result: dict, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dist_train.outputs.report import band_panel, save
+    from dist_train.use.report import band_panel, save
 
     sizes = sorted(int(n) for n in next(iter(result["table"].values()))["sizes"])
     curves = {row["label"]: ([row["sizes"][str(n)]["mean"] for n in sizes], [row["sizes"][str(n)]["std"] for n in sizes])

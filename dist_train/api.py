@@ -45,7 +45,7 @@ def model_in_use(model_dir: str | Path, command: str, max_length: int | None = N
     """An exported model folder loaded for ``command`` (``eval`` or ``predict``), as the CLI loads it:
     ``columns`` (``text_column``, ``text_pair_column``, ``label_column``, ``target_column``) override what it
     was trained with."""
-    from dist_train.outputs.inference import ModelFolder, ModelInUse
+    from dist_train.use.inference import ModelFolder, ModelInUse
 
     folder = ModelFolder(str(model_dir))
     folder.require(command)

@@ -106,7 +106,7 @@ def cmd_submit(args) -> int:
 def _model_folder(args, command: str):
     """Check MODEL_DIR and the options against it before loading anything heavy (nothing is written)."""
     from dist_train.config import check_number
-    from dist_train.outputs.inference import ModelFolder
+    from dist_train.use.inference import ModelFolder
     from dist_train.paths import check_output_file
 
     check_number("--batch-size", args.batch_size, 1, None, "[", where="")
@@ -137,7 +137,7 @@ def _write_report(report: dict, task, output: str | None) -> None:
 
 
 def cmd_eval(args) -> int:
-    from dist_train.outputs.inference import ModelInUse
+    from dist_train.use.inference import ModelInUse
 
     folder, max_length = _model_folder(args, "eval")
     model = ModelInUse(folder, _options(args, max_length), args.precision)
@@ -149,7 +149,7 @@ def cmd_zero_shot(args) -> int:
     from dist_train.config import load_config
     from dist_train.paths import check_output_file
     from dist_train.tasks import task_class
-    from dist_train.outputs.zero_shot import zero_shot
+    from dist_train.use.zero_shot import zero_shot
 
     cfg = load_config(args.config, args.overrides)
     task_class(cfg.task.name).check_files(cfg.data)
@@ -162,7 +162,7 @@ def cmd_zero_shot(args) -> int:
 
 def cmd_predict(args) -> int:
     from dist_train.errors import UserError
-    from dist_train.outputs.inference import ModelInUse
+    from dist_train.use.inference import ModelInUse
 
     if (args.question is None) != (args.context is None):
         raise UserError("predict: --question and --context go together (a question_answering model answers a "
@@ -223,7 +223,7 @@ def _stdin_table() -> str:
 def cmd_generate(args) -> int:
     from dist_train.config import check_number
     from dist_train.errors import UserError
-    from dist_train.outputs.inference import ModelFolder, ModelInUse
+    from dist_train.use.inference import ModelFolder, ModelInUse
     from dist_train.paths import check_output_file
     from dist_train.tasks import task_class
 
@@ -267,13 +267,13 @@ def cmd_generate(args) -> int:
 def cmd_export(args) -> int:
     from dist_train.run.checkpoint import checkpoints
     from dist_train.errors import UserError
-    from dist_train.outputs.export import export_checkpoint
+    from dist_train.use.export import export_checkpoint
     from dist_train.paths import check_new_folder
 
     if args.quantize and not args.onnx:
         raise UserError(f"export: --quantize {args.quantize} quantizes the ONNX graph; add --onnx")
     if args.onnx:
-        from dist_train.outputs.deploy import export_onnx
+        from dist_train.use.deploy import export_onnx
 
         if args.adapter_only:
             raise UserError("export: --onnx writes the whole model; drop --adapter-only")
@@ -355,7 +355,7 @@ class _Parser(argparse.ArgumentParser):
 def cmd_report(args) -> int:
     from dist_train.errors import UserError
     from dist_train.paths import check_output_file
-    from dist_train.outputs.report import draw_runs, read_run
+    from dist_train.use.report import draw_runs, read_run
 
     if args.out is None and len(args.runs) > 1:
         raise UserError("report: several runs need --out FILE.png for the overlay")

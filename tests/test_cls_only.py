@@ -84,7 +84,7 @@ def test_training_with_it_ends_where_the_stock_model_ends(sentiment_slice, tmp_p
     files = {"train": sentiment_slice["train"], "validation": sentiment_slice["dev"], "test": sentiment_slice["test"]}
     cfg = tiny_config(tmp_path, files, train={"epochs": 1, "micro_batch_size": 16, "lr": 1e-3},
                       checkpoint={"load_best_at_end": False}, logging={"progress_bar": False, "tensorboard": False})
-    from dist_train.model.build import build_model
+    from dist_train.model.assemble import build_model
     from dist_train.model.files import load_tokenizer
 
     def shortcut(setting):  # whether the model, as training builds it, has the [CLS]-only last layer

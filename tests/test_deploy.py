@@ -34,7 +34,7 @@ def exports(trained, tmp_path_factory):
 
 
 def predictions(folder, texts):
-    from dist_train.outputs.inference import ModelFolder, ModelInUse
+    from dist_train.use.inference import ModelFolder, ModelInUse
 
     model_folder = ModelFolder(str(folder))
     return ModelInUse(model_folder, {"max_length": model_folder.max_length(None)}).predict(texts, None, 3)
@@ -119,8 +119,8 @@ def test_bad_export_input_is_one_line_and_writes_nothing(trained, exports, tmp_p
 def test_a_failed_check_leaves_nothing_behind(trained, tmp_path, monkeypatch):
     """The ONNX graph is checked against PyTorch before the folder is renamed into place."""
     from dist_train.errors import UserError
-    from dist_train.outputs import deploy
-    from dist_train.outputs.onnx_model import OnnxModel
+    from dist_train.use import deploy
+    from dist_train.use.onnx_model import OnnxModel
 
     out = trained[0]
     monkeypatch.setattr(deploy, "FP32_TOLERANCE", -1.0)  # any difference, even 0, now fails the check
@@ -133,8 +133,8 @@ def test_a_missing_extra_names_the_install_command(monkeypatch):
     import importlib.util
 
     from dist_train.errors import UserError
-    from dist_train.outputs import deploy
-    from dist_train.outputs.onnx_model import OnnxModel
+    from dist_train.use import deploy
+    from dist_train.use.onnx_model import OnnxModel
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))

@@ -66,7 +66,7 @@ def test_each_task_s_teacher_loss_is_its_formula_summed_over_its_targets():
 def test_keep_layers_copies_exactly_the_named_layers(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from dist_train.model.build import keep_layers
+    from dist_train.model.assemble import keep_layers
 
     bert = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(
         "bert", vocab_size=100, hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=64))

@@ -87,7 +87,7 @@ def built(work):
     """The LoRA classifier as training builds it."""
     from transformers import AutoModelForSequenceClassification
 
-    from dist_train.model.build import build_model
+    from dist_train.model.assemble import build_model
 
     from dist_train.model.files import load_tokenizer
 

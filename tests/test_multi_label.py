@@ -217,7 +217,7 @@ def test_eval_on_the_export_reproduces_the_test_report(work, capfd):
 def test_the_transformers_pipeline_gives_every_label_its_sigmoid(work, capfd):
     from transformers import pipeline
 
-    from dist_train.outputs.inference import ModelFolder, ModelInUse
+    from dist_train.use.inference import ModelFolder, ModelInUse
 
     final = run(work, "learn")[0] / "final"
     texts = ["pizza election today", "the city week", "football software report"]

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from conftest import tiny_config
 from dist_train.model import pooling
 from dist_train.config import load_config
-from dist_train.outputs.inference import ModelFolder, ModelInUse
+from dist_train.use.inference import ModelFolder, ModelInUse
 from dist_train.run.trainer import train
 
 

@@ -234,7 +234,7 @@ def test_language_model_loss_falls_and_exports_a_loadable_model(task, corpus_dir
     assert again["n"] == reports["test"]["n"] and again["perplexity"] == pytest.approx(reports["test"]["perplexity"],
                                                                                         rel=1e-5)
     # `dist-train export` of the best checkpoint gives final/'s weights (tied embeddings stored once).
-    from dist_train.outputs.export import export_checkpoint
+    from dist_train.use.export import export_checkpoint
 
     ckpts = tmp_path / "out" / "checkpoints"
     best = json.loads((ckpts / (ckpts / "latest").read_text() / "trainer_state.json").read_text())["best_step"]

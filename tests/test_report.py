@@ -31,7 +31,7 @@ def test_the_report_shows_every_series_the_best_step_and_the_confusion_matrix(tr
 
     import matplotlib.pyplot as plt
 
-    from dist_train.outputs.report import read_run, report_figure
+    from dist_train.use.report import read_run, report_figure
 
     out, _, reports, _ = trained
     run = read_run(out)
@@ -77,13 +77,13 @@ def test_report_errors_are_one_line(trained, tmp_path):
 
 
 def test_a_report_that_cannot_be_drawn_never_fails_the_run(tmp_path, sentiment_slice, monkeypatch, capfd):
-    import dist_train.outputs.report
+    import dist_train.use.report
     from dist_train.run.trainer import train
 
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts on this machine")
 
-    monkeypatch.setattr(dist_train.outputs.report, "draw_runs", broken)
+    monkeypatch.setattr(dist_train.use.report, "draw_runs", broken)
     cfg = tiny_config(tmp_path, {"train": sentiment_slice["train"], "test": sentiment_slice["test"]},
                       train={"max_steps": 2})
     reports = train(load_config(cfg)).reports
@@ -93,7 +93,7 @@ def test_a_report_that_cannot_be_drawn_never_fails_the_run(tmp_path, sentiment_s
 
 
 def test_smoothing_is_tensorboard_s_bias_corrected_average():
-    from dist_train.outputs.report import _smooth
+    from dist_train.use.report import _smooth
 
     assert _smooth([1.0]) == [1.0]
     assert _smooth([1.0, 3.0], weight=0.5) == pytest.approx([1.0, (0.5 * 0.5 + 0.5 * 3.0) / 0.75])

@@ -20,7 +20,7 @@ from dist_train.errors import UserError
 def load_teacher(cfg, task, engine):
     """The teacher model named by ``distill.teacher``, checked against the student's task, labels and
     tokenizer, on ``engine``'s device in inference mode."""
-    from dist_train.outputs.inference import ModelFolder
+    from dist_train.use.inference import ModelFolder
     from dist_train.tasks import task_class
 
     path = cfg.distill.teacher

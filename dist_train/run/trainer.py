@@ -28,7 +28,7 @@ from dist_train.engine.base import Engine
 from dist_train.errors import RunFailed, UserError
 from dist_train.evaluation.loop import evaluate
 from dist_train.evaluation.metrics import MetricsSink, peak_memory_mb, peak_tflops, summary_line
-from dist_train.outputs.export import export_model, publish
+from dist_train.use.export import export_model, publish
 from dist_train.run import stopping
 from dist_train.run.accounting import StepAccounting
 from dist_train.run.checkpoint import CheckpointManager, complete, read_state, set_aside
@@ -415,7 +415,7 @@ class Run:
 
     def _draw_report(self) -> None:
         """report.png: the run's curves. A picture never fails the run: a warning instead."""
-        from dist_train.outputs.report import draw_runs
+        from dist_train.use.report import draw_runs
 
         try:
             draw_runs([self.run_dir.out], self.run_dir.out / "report.png")

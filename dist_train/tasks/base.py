@@ -18,7 +18,7 @@ Training (``dist_train/run/trainer.py``), on every rank:
      batch -> ``compute(all_reduce_sum)``; ``maximize(metric)`` says which way the metric is better;
   7. every checkpoint and the final export: ``export_meta()`` and ``save_extras(folder)``.
 
-Use of an exported folder (``dist-train eval`` / ``predict``, ``dist_train/outputs/inference.py``): the CLI reads
+Use of an exported folder (``dist-train eval`` / ``predict``, ``dist_train/use/inference.py``): the CLI reads
 the folder's ``dist_train.json``, builds the task named there with ``for_folder(folder, meta, options)``,
 then ``load_tokenizer()``, ``restore(folder)`` (what training learned: label maps), ``build_model()``, and
 either ``split(path, "--data")`` + the evaluation hooks above, or ``predict(...)`` on the texts of
@@ -38,7 +38,7 @@ import torch
 
 from dist_train.data import make_loader
 from dist_train.errors import UserError
-from dist_train.model.build import build_model
+from dist_train.model.assemble import build_model
 from dist_train.model.files import load_tokenizer
 
 

@@ -212,7 +212,7 @@ class QuestionAnsweringTask(Task):
                 "null_threshold": t.null_threshold, "no_answer": self.no_answer}
 
     def restore(self, folder: str) -> None:
-        from dist_train.outputs.export import read_meta
+        from dist_train.use.export import read_meta
 
         self.no_answer = bool(read_meta(Path(folder)).get("no_answer", False))
 

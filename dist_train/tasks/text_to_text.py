@@ -28,7 +28,7 @@ from dist_train.data.fingerprint import data_fingerprint
 from dist_train.data.sampler import eval_plan
 from dist_train.data.sources import check_texts, read_table, require_columns
 from dist_train.errors import UserError
-from dist_train.model.build import build_model
+from dist_train.model.assemble import build_model
 from dist_train.model.files import first_line, resolve_model_path
 from dist_train.tasks.prompting import joined
 from dist_train.tasks.base import Splits, SumEvaluator, Task
@@ -423,7 +423,7 @@ class TextToTextTask(Task):
                 "max_new_tokens": t.max_new_tokens, "num_beams": t.num_beams, "stop_at_newline": t.stop_at_newline}
 
     def restore(self, folder: str) -> None:
-        from dist_train.outputs.export import read_meta
+        from dist_train.use.export import read_meta
 
         self.shots = [tuple(pair) for pair in read_meta(folder).get("shots") or []]
 

@@ -2,7 +2,7 @@
 
 ``dist-train export SOURCE OUT --onnx [--quantize int8]`` writes ``OUT/model.onnx`` beside copies of the
 model folder's small files (config, tokenizer, ``labels.json``, ``dist_train.json``), so ``dist-train
-predict`` / ``eval`` know the task and run it through onnxruntime (``OnnxModel``, outputs/onnx_model.py) instead of PyTorch.
+predict`` / ``eval`` know the task and run it through onnxruntime (``OnnxModel``, use/onnx_model.py) instead of PyTorch.
 
 The graph comes from ``torch.onnx.export(dynamo=True)``: the TorchScript exporter (``dynamo=False``) traces
 one batch and, on transformers 5, bakes that batch's attention-mask path into the graph (measured: logits
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dist_train.errors import UserError
-from dist_train.outputs.onnx_model import ONNX_FILE, OnnxModel, require
+from dist_train.use.onnx_model import ONNX_FILE, OnnxModel, require
 from dist_train.paths import check_new_folder
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".data")
@@ -90,7 +90,7 @@ def export_onnx(source: str, out_dir: str, quantize: str | None = None) -> tuple
         shutil.rmtree(stale, ignore_errors=True)
     try:
         if is_checkpoint:
-            from dist_train.outputs.export import export_checkpoint
+            from dist_train.use.export import export_checkpoint
 
             folder = export_checkpoint(folder, pt_tmp)
         record = _convert(folder, tmp, quantize)
@@ -104,8 +104,8 @@ def export_onnx(source: str, out_dir: str, quantize: str | None = None) -> tuple
 
 
 def _convert(folder: Path, tmp: Path, quantize: str | None) -> dict:
-    from dist_train.outputs.export import META_FILE, read_meta
-    from dist_train.outputs.inference import ModelFolder, ModelInUse
+    from dist_train.use.export import META_FILE, read_meta
+    from dist_train.use.inference import ModelFolder, ModelInUse
     from dist_train.tasks import task_class
 
     model_folder = ModelFolder(str(folder))

@@ -10,9 +10,9 @@ from pathlib import Path
 from dist_train.engine import SingleEngine
 from dist_train.errors import UserError
 from dist_train.evaluation.loop import evaluate
-from dist_train.outputs.export import read_meta
+from dist_train.use.export import read_meta
 from dist_train.model.files import check_weights, first_line, resolve_model_path
-from dist_train.outputs.onnx_model import ONNX_FILE, OnnxModel
+from dist_train.use.onnx_model import ONNX_FILE, OnnxModel
 from dist_train.tasks import TASKS, task_class, task_of_architectures
 
 

@@ -1,5 +1,5 @@
 """An ONNX model folder run by onnxruntime in the PyTorch model's place: ``dist-train predict`` and ``eval`` take
-the folders ``dist-train export --onnx`` writes (outputs/deploy.py)."""
+the folders ``dist-train export --onnx`` writes (use/deploy.py)."""
 
 from __future__ import annotations
 
