@@ -105,6 +105,34 @@ def test_only_the_adapters_and_the_head_train(built):
     assert sum(trainable.values()) / sum(p.numel() for p in built.parameters()) < 0.002
 
 
+def test_a_merged_copy_computes_the_live_model_and_leaves_it_as_it_was(built, tmp_path):
+    """Exporting during training (final/, best/) must not touch the model that goes on training: peft >= 0.22
+    merges into the base weights' own tensors, which the copy shares with the live model."""
+    import copy
+
+    from dist_train.model.lora import merged_copy
+
+    live = copy.deepcopy(built).eval()
+    with torch.no_grad():
+        for name, p in live.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 1.0)  # adapters that change the output (B starts at zero)
+        ids = torch.randint(1000, 2000, (2, 12))
+        before = live(input_ids=ids).logits
+        merged = merged_copy(live, live.state_dict())
+        after = live(input_ids=ids).logits
+        with live.disable_adapter():
+            base = live(input_ids=ids).logits
+    assert torch.equal(before, after)
+    assert (before - base).abs().max() > 1e-3  # the adapters matter: a merge into the live weights would show
+    from transformers import AutoModelForSequenceClassification
+
+    merged.save_pretrained(tmp_path)  # as export writes it (buffers the meta skeleton lacks come back on load)
+    with torch.no_grad():
+        exported = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()(input_ids=ids).logits
+    assert (before - exported).abs().max() < 1e-5
+
+
 @pytest.mark.slow
 def test_checkpoint_holds_only_the_trained_tensors(work, built):
     tmp, _ = work

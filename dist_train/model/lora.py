@@ -79,19 +79,23 @@ def add_adapters(model, lora_cfg, task_type: str, new_keys, announce: bool = Tru
 def merged_copy(model, state_dict: dict) -> torch.nn.Module:
     """A plain transformers model: LoRA ``model`` with its adapters merged into the base weights, made of
     ``state_dict`` (all of ``model``'s tensors: on ZeRO-3 gathered, elsewhere its own). ``model`` itself is
-    untouched and keeps training or evaluating: the skeleton is built on the meta device, takes the tensors
-    as its own, and peft's safe merge writes each merged weight into a new tensor (finite, or ValueError)."""
+    untouched and keeps training or evaluating: the skeleton is built on the meta device and takes the tensors
+    as its own, except the weights the merge writes into (every LoRA layer's ``base_layer``), which it takes as
+    copies: peft >= 0.22 merges into the existing tensor even in safe mode, which would add the adapters to
+    the live model's frozen weights a second time."""
     from peft import get_peft_model
 
     base = model.get_base_model()
     with torch.device("meta"), _quiet_peft():
         skeleton = get_peft_model(type(base)(copy.deepcopy(base.config)), copy.deepcopy(model.peft_config["default"]))
-    skeleton.load_state_dict(state_dict, strict=True, assign=True)
+    own = {k: v.clone() if ".base_layer." in k else v for k, v in state_dict.items()}
+    skeleton.load_state_dict(own, strict=True, assign=True)
     return merge(skeleton)
 
 
 def merge(model) -> torch.nn.Module:
-    """peft's ``merge_and_unload``, safe mode: every merged weight is a new tensor, checked finite."""
+    """peft's ``merge_and_unload``, safe mode: every merged weight is checked finite before it is written
+    (into ``model``'s own tensors: ``model`` is consumed)."""
     try:
         plain = model.merge_and_unload(safe_merge=True)
     except ValueError:
