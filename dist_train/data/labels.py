@@ -76,11 +76,18 @@ class LabelMap:
             raise UserError(f"'{path}': mixed label types ({', '.join(sorted(kinds))}); use one kind of label")
         if "int" in kinds:
             values = [int(v) for v in values]
-        classes = sorted(set(values))
+        return cls.of_classes(values, path, names)
+
+    @classmethod
+    def of_classes(cls, seen, path: str, names: list[str] | None = None, what: str = "label value",
+                   plural: str = "labels") -> "LabelMap":
+        """The map of the classes in ``seen`` (the training file's targets, sorted), named by ``names``
+        (``task.label_names``, one per class in that order) or by the classes themselves."""
+        classes = sorted(set(seen))
         if len(classes) < 2:
-            raise UserError(f"'{path}': only one label value ({classes[0]!r}) in training data; need at least two")
+            raise UserError(f"'{path}': only one {what} ({classes[0]!r}) in the training data; need at least two")
         if names is not None and len(names) != len(classes):
-            raise UserError(f"task.label_names has {len(names)} names but '{path}' has {len(classes)} labels "
+            raise UserError(f"task.label_names has {len(names)} names but '{path}' has {len(classes)} {plural} "
                             f"({', '.join(map(str, classes))})")
         return cls(values=classes, names=list(names) if names else [str(c) for c in classes])
 

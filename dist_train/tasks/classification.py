@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from dist_train.data.labels import LabelMap
 from dist_train.errors import UserError
 from dist_train.evaluation.metrics import classification_report
+from dist_train.tasks.labelled import LabelledTask
 from dist_train.tasks.sequence import SequenceTask, read_rows
 
 
@@ -20,7 +21,7 @@ def read_labelled(path: str, data_cfg, labels: LabelMap | None = None, names: li
     return ds, labels, labels.encode(raw, path)
 
 
-class ClassificationTask(SequenceTask):
+class ClassificationTask(LabelledTask, SequenceTask):
     name = "classification"
     metrics = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "loss")
     architectures = ("ForSequenceClassification",)
@@ -70,31 +71,15 @@ class ClassificationTask(SequenceTask):
     def strata(self, ds) -> list:
         return ds["labels"]  # data.train_rows keeps each label's share
 
-    # -- model -----------------------------------------------------------------------------------------
-    def head_kwargs(self) -> dict:
-        lm = self.labels
-        return {"num_labels": lm.num_labels, "id2label": lm.id2label, "label2id": lm.label2id}
-
     # -- loss and metrics ------------------------------------------------------------------------------
     def loss_sum(self, outputs, batch: dict) -> torch.Tensor:
         """Summed (not averaged) cross-entropy over the batch's examples."""
         return F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum")
 
-    def soft_loss_sum(self, outputs, teacher, batch: dict, temperature: float) -> torch.Tensor:
-        return self.soft_kl_sum(outputs.logits, teacher.logits, temperature)
-
     def evaluator(self, device, ds=None):
         return ClassificationEvaluator(self, device)
 
     # -- export and use --------------------------------------------------------------------------------
-    def save_extras(self, folder) -> None:
-        self.labels.save(folder)
-
-    def restore(self, folder: str) -> None:
-        from transformers import AutoConfig
-
-        self.labels = LabelMap.load(folder, AutoConfig.from_pretrained(folder))
-
     @torch.no_grad()
     def predict(self, engine, texts: list[str], pairs: list[str] | None, batch_size: int) -> list[dict]:
         """The most probable label, its probability and every label's, for each text."""

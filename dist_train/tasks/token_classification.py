@@ -21,7 +21,8 @@ from dist_train.data.fingerprint import data_fingerprint
 from dist_train.data.labels import LabelMap
 from dist_train.data.tagged import check_known_tags, encode_words, is_conll, read_tagged, tokenize_tagged
 from dist_train.errors import UserError
-from dist_train.tasks.base import Splits, Task
+from dist_train.tasks.base import Splits
+from dist_train.tasks.labelled import LabelledTask
 
 ENTITY_PREFIXES = ("B-", "I-", "E-", "S-")
 
@@ -54,7 +55,7 @@ def prf(tp: np.ndarray, predicted: np.ndarray, gold: np.ndarray) -> tuple[np.nda
     return precision, recall, 2 * precision * recall / denom
 
 
-class TokenClassificationTask(Task):
+class TokenClassificationTask(LabelledTask):
     name = "token_classification"
     metrics = ("entity_f1", "entity_precision", "entity_recall", "token_accuracy", "loss")
     architectures = ("ForTokenClassification",)
@@ -85,14 +86,8 @@ class TokenClassificationTask(Task):
         self.tokenizer = tokenizer
         d = self.cfg.data
         raw = read_tagged(d.train, d, "data.train")
-        classes = sorted(set(itertools.chain.from_iterable(raw["tags"])))
-        names = self.cfg.task.label_names
-        if len(classes) < 2:
-            raise UserError(f"'{d.train}': only one tag ({classes[0]!r}) in the training data; need at least two")
-        if names is not None and len(names) != len(classes):
-            raise UserError(f"task.label_names has {len(names)} names but '{d.train}' has {len(classes)} tags "
-                            f"({', '.join(map(str, classes))})")
-        self.labels = LabelMap(values=classes, names=list(names) if names else [str(c) for c in classes])
+        self.labels = LabelMap.of_classes(itertools.chain.from_iterable(raw["tags"]), d.train,
+                                          self.cfg.task.label_names, what="tag", plural="tags")
         train = self._tokenize(raw, d.train, "data.train")
         return self.splits_around(train)
 
@@ -133,10 +128,6 @@ class TokenClassificationTask(Task):
 
         return AutoModelForTokenClassification
 
-    def head_kwargs(self) -> dict:
-        lm = self.labels
-        return {"num_labels": lm.num_labels, "id2label": lm.id2label, "label2id": lm.label2id}
-
     def inputs(self, batch: dict) -> dict:
         return {k: v for k, v in batch.items() if k not in ("labels", "word_start")}
 
@@ -153,10 +144,9 @@ class TokenClassificationTask(Task):
     def evaluator(self, device, ds=None):
         return TagEvaluator(self, device)
 
-    def soft_loss_sum(self, outputs, teacher, batch: dict, temperature: float) -> torch.Tensor:
-        """Over the labelled pieces only, as the loss on the tags."""
-        labelled = batch["labels"] != -100
-        return self.soft_kl_sum(outputs.logits[labelled], teacher.logits[labelled], temperature)
+    def labelled(self, batch: dict) -> torch.Tensor:
+        """The labelled pieces only, as the loss on the tags."""
+        return batch["labels"] != -100
 
     # -- export and use --------------------------------------------------------------------------------
     def same_predictions(self, want, got, batch) -> torch.Tensor:
@@ -168,14 +158,6 @@ class TokenClassificationTask(Task):
         d = self.cfg.data
         return {**super().export_meta(), "text_column": d.text_column, "label_column": d.label_column,
                 "tag_column": d.tag_column, "label_all_tokens": self.cfg.task.label_all_tokens}
-
-    def save_extras(self, folder) -> None:
-        self.labels.save(folder)
-
-    def restore(self, folder: str) -> None:
-        from transformers import AutoConfig
-
-        self.labels = LabelMap.load(folder, AutoConfig.from_pretrained(folder))
 
     def read_texts(self, path: str) -> tuple[list[str], list[str] | None, list[str]]:
         """A text column, or a column of token lists (JSON lines as in training: joined with spaces)."""
