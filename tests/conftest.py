@@ -122,17 +122,30 @@ def execute(cmd, env_extra=None, timeout=900) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
 
 
-def cached_run(cache: dict, tmp: Path, cfg: Path, runs: dict, name: str, *extra, env=None, key=None):
-    """Train run ``name`` of ``runs`` ({name: (processes, overrides)}) into ``tmp/<key's first part>`` once per
-    ``key`` (default ``name``); returns (output folder, completed process). Without ``env`` the run must succeed."""
-    key = key or name
-    if key not in cache:
-        nproc, overrides = runs[name]
-        out = tmp / key.split("/")[0]
-        cache[key] = out, execute(worker_cmd(nproc, cfg, f"output_dir={out}", *overrides, *extra), env)
-        if env is None:
-            assert cache[key][1].returncode == 0, cache[key][1].stderr[-4000:]
-    return cache[key]
+_TRAINED: dict = {}
+"""The session's training jobs, each run once: {(its module's folder, key): (output folder, completed process)}."""
+
+
+def train_once(tmp: Path, key: str, nproc: int, cfg, *overrides, env=None, expect: bool | None = True,
+               out: Path | None = None):
+    """``dist_train train cfg`` on ``nproc`` processes once per session and (``tmp``, ``key``), into ``out``
+    (default ``tmp/<key up to its first '/'>``: keys ``name/fail`` and ``name`` share a folder, a run and the
+    run that continues it). ``expect``: True = it must succeed, False = it must fail, None = either.
+    Returns (output folder, completed process)."""
+    if (tmp, key) not in _TRAINED:
+        out = out or tmp / key.split("/")[0]
+        result = execute(worker_cmd(nproc, cfg, f"output_dir={out}", *overrides), env)
+        if expect is not None:
+            assert (result.returncode == 0) == expect, result.stderr[-4000:]
+        _TRAINED[tmp, key] = out, result
+    return _TRAINED[tmp, key]
+
+
+def cached_run(tmp: Path, cfg: Path, runs: dict, name: str, *extra, env=None, key=None):
+    """Run ``name`` of ``runs`` ({name: (processes, overrides)}) through ``train_once`` (key: ``key`` or
+    ``name``); without ``env`` the run must succeed."""
+    nproc, overrides = runs[name]
+    return train_once(tmp, key or name, nproc, cfg, *overrides, *extra, env=env, expect=True if env is None else None)
 
 
 def records(out: Path, split: str | None = None) -> list[dict]:

@@ -12,8 +12,8 @@ import random
 import pytest
 import torch
 import yaml
-from conftest import (ROOT, SENTIMENT, TINY_BERT, assert_user_error, cue_rows, execute, head, max_diff, run_cli,
-                      tiny_config, worker_cmd)
+from conftest import (ROOT, SENTIMENT, TINY_BERT, assert_user_error, cue_rows, head, max_diff, run_cli, tiny_config,
+                      train_once)
 from safetensors.torch import load_file
 
 from dist_train.config import load_config
@@ -62,20 +62,12 @@ def lora_config(work, name: str = "lora", base: str = "bert", lora: dict = LORA)
     return path
 
 
-_runs: dict = {}
-
-
 def run(work, key: str, engine: str, *overrides, out: str | None = None, env=None, expect_ok=True):
-    """One training job per module and ``key`` (memoised): (output dir, completed process)."""
-    if key not in _runs:
-        tmp, _ = work
-        nproc, extra = ENGINES[engine]
-        folder = tmp / (out or key)
-        result = execute(worker_cmd(nproc, lora_config(work), f"output_dir={folder}", *extra, *overrides), env)
-        if expect_ok:
-            assert result.returncode == 0, result.stderr[-4000:]
-        _runs[key] = (folder, result)
-    return _runs[key]
+    """One training job per ``key`` (``train_once``): (output dir, completed process)."""
+    tmp, _ = work
+    nproc, extra = ENGINES[engine]
+    return train_once(tmp, key, nproc, lora_config(work), *extra, *overrides, env=env,
+                      expect=True if expect_ok else None, out=tmp / (out or key))
 
 
 def uninterrupted(work, engine: str):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import NO_DROPOUT, execute, in_process, max_diff, snapshot, tiny_config, worker_cmd
+from conftest import NO_DROPOUT, in_process, max_diff, snapshot, tiny_config, train_once
 from dist_train.config import load_config
 from dist_train.tasks import build_task
 
@@ -82,20 +82,13 @@ RUNS = {  # name: (processes, overrides)
     "failed": (1, [*SHORT, "engine.kind=single", "train.grad_accum=2"]),
     "resumed": (1, [*SHORT, "engine.kind=single", "train.grad_accum=2", "checkpoint.resume=auto"]),
 }
-_runs: dict = {}
-
-
 def run(work, name: str):
-    """(output folder, completed process) of run ``name``, trained once per module."""
-    if name not in _runs:
-        tmp, cfg = work
-        nproc, overrides = RUNS[name]
-        out = tmp / ("resumed" if name == "failed" else name)  # the resumed run continues the failed one
-        env = {"DIST_TRAIN_FAIL_AT": "0:25"} if name == "failed" else None
-        result = execute(worker_cmd(nproc, cfg, f"output_dir={out}", *overrides), env)
-        assert (result.returncode != 0) == (name == "failed"), result.stderr[-4000:]
-        _runs[name] = out, result
-    return _runs[name]
+    """(output folder, completed process) of run ``name``, trained once (``train_once``)."""
+    tmp, cfg = work
+    nproc, overrides = RUNS[name]
+    env = {"DIST_TRAIN_FAIL_AT": "0:25"} if name == "failed" else None
+    return train_once(tmp, name, nproc, cfg, *overrides, env=env, expect=name != "failed",
+                      out=tmp / ("resumed" if name == "failed" else name))  # the resumed run continues the failed one
 
 
 def report_of(out: Path) -> dict:

@@ -21,7 +21,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import NO_DROPOUT, execute, max_diff, records, run_cli, snapshot, tiny_config, worker_cmd
+from conftest import NO_DROPOUT, max_diff, records, run_cli, snapshot, tiny_config, train_once
 from launcher.cli import main
 
 SIZES = ["tiny", "small", "medium", "large", "huge"]
@@ -65,22 +65,15 @@ RUNS = {  # name: (processes, overrides); all take 2 micro-batches of 4 per opti
     "failed": (1, []),
     "resumed": (1, ["checkpoint.resume=auto"]),
 }
-_runs: dict = {}
-
-
 def run(work, name: str) -> Path:
-    """Train run ``name`` once per module; returns its output folder (``resumed`` continues ``failed``)."""
-    if name not in _runs:
-        tmp, cfg, _ = work
-        if name == "resumed":
-            run(work, "failed")
-        nproc, overrides = RUNS[name]
-        out = tmp / ("failed" if name == "resumed" else name)
-        env = {"DIST_TRAIN_FAIL_AT": f"0:{FAIL_AT}"} if name == "failed" else None
-        result = execute(worker_cmd(nproc, cfg, f"output_dir={out}", *overrides), env)
-        assert (result.returncode != 0) == (name == "failed"), result.stderr[-4000:]
-        _runs[name] = out
-    return _runs[name]
+    """Train run ``name`` once (``train_once``); returns its output folder (``resumed`` continues ``failed``)."""
+    tmp, cfg, _ = work
+    if name == "resumed":
+        run(work, "failed")
+    nproc, overrides = RUNS[name]
+    env = {"DIST_TRAIN_FAIL_AT": f"0:{FAIL_AT}"} if name == "failed" else None
+    return train_once(tmp, name, nproc, cfg, *overrides, env=env, expect=name != "failed",
+                      out=tmp / ("failed" if name == "resumed" else name))[0]
 
 
 

@@ -17,7 +17,7 @@ import time
 
 import pytest
 from conftest import (NO_DROPOUT, ROOT, SENTIMENT, TINY_BERT, assert_user_error, execute, head, max_diff, records,
-                      run_cli, tiny_config, worker_cmd)
+                      run_cli, tiny_config, train_once, worker_cmd)
 
 ROWS, EPOCHS = 150, 2  # micro-batch 4: 38 batches an epoch (the last one short)
 ENGINES = {  # name: (processes, grad accum, overrides); all take 2 micro-batches per optimizer step
@@ -47,19 +47,10 @@ def work(tmp_path_factory):
     return tmp, configs
 
 
-_runs: dict = {}
-
-
 def train_run(work, key, nproc, cfg_name, *overrides, env=None, expect_ok=True):
-    """Run once per module (memoised by ``key``); returns (output dir, completed process)."""
-    if key not in _runs:
-        tmp, configs = work
-        out = tmp / key.split("/")[0]
-        result = execute(worker_cmd(nproc, configs[cfg_name], f"output_dir={out}", *overrides), env)
-        if expect_ok:
-            assert result.returncode == 0, result.stderr[-4000:]
-        _runs[key] = (out, result)
-    return _runs[key]
+    """Run once (``train_once``, by ``key``); returns (output dir, completed process)."""
+    tmp, configs = work
+    return train_once(tmp, key, nproc, configs[cfg_name], *overrides, env=env, expect=True if expect_ok else None)
 
 
 def uninterrupted(work, engine, cfg_name="dropout"):

@@ -18,7 +18,7 @@ import random
 import pytest
 import torch
 import yaml
-from conftest import execute, max_diff, records, run_cli, worker_cmd
+from conftest import execute, max_diff, records, run_cli, train_once, worker_cmd
 
 from dist_train.config import load_config
 
@@ -82,21 +82,12 @@ def t2t_config(work, base: str = "llama", lora: bool = True, **sections):
 
 ENGINES = {"single": (1, ["engine.kind=single", "train.grad_accum=2"]), "ddp": (2, ["engine.kind=ddp"]),
            "zero3": (2, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3"]), "fsdp": (2, ["engine.kind=fsdp"])}
-_runs: dict = {}
-
-
 def run(work, key: str, engine: str, *overrides, lora: bool = True, out: str | None = None, env=None,
         expect_ok: bool = True):
-    """One training job per ``key`` (memoised): (output dir, completed process)."""
-    if key not in _runs:
-        nproc, extra = ENGINES[engine]
-        folder = work / (out or key)
-        result = execute(worker_cmd(nproc, t2t_config(work, lora=lora), f"output_dir={folder}", *extra, *overrides),
-                         env, timeout=600)
-        if expect_ok:
-            assert result.returncode == 0, result.stderr[-4000:]
-        _runs[key] = (folder, result)
-    return _runs[key]
+    """One training job per ``key`` (``train_once``): (output dir, completed process)."""
+    nproc, extra = ENGINES[engine]
+    return train_once(work, key, nproc, t2t_config(work, lora=lora), *extra, *overrides, env=env,
+                      expect=True if expect_ok else None, out=work / (out or key))
 
 
 

@@ -76,13 +76,10 @@ RUNS = {  # name: (processes, overrides); global batch 16 in all: 7 steps an epo
     "ddp": (2, ["engine.kind=ddp", "train.grad_accum=1"]),
     "zero2": (2, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=2", "train.grad_accum=1"]),
 }
-_runs: dict = {}
-
-
 def run(work, name: str, *extra, env=None, key=None):
     """Train ``name`` once per module (memoised by ``key``); returns (output folder, completed process)."""
     tmp, cfg = work
-    return cached_run(_runs, tmp, cfg, RUNS, name, *extra, env=env, key=key)
+    return cached_run(tmp, cfg, RUNS, name, *extra, env=env, key=key)
 
 
 def scores(report: dict) -> dict:
