@@ -240,6 +240,15 @@ def cue_rows(rng, n: int, flip: bool = False, labels=(0, 1), header: str = "sent
 
 
 @pytest.fixture(scope="session")
+def resume_work(tmp_path_factory):
+    """The folder and configs of tests/resume_runs.py, one per session: test_resume and test_fsdp read the
+    same uninterrupted runs."""
+    from resume_runs import make_work
+
+    return make_work(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """One tiny sentiment run, shared by the output tests.
 

@@ -14,9 +14,14 @@ import pickle
 
 import pytest
 import torch
-from conftest import NO_DROPOUT, TINY_BERT, assert_user_error, max_diff, run_cli
-from conftest import records
-from test_resume import EPOCHS, ROWS, assert_same_history, train_run, uninterrupted, work  # noqa: F401
+from conftest import NO_DROPOUT, TINY_BERT, assert_user_error, max_diff, records, run_cli
+from resume_runs import EPOCHS, ROWS, assert_same_history, train_run, uninterrupted
+
+
+@pytest.fixture
+def work(resume_work):
+    return resume_work
+
 
 FSDP = ("engine.kind=fsdp",)
 FAIL_AT_10 = {"DIST_TRAIN_FAIL_AT": "0:10"}
