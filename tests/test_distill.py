@@ -124,6 +124,8 @@ def work(tmp_path_factory):
 
 RUNS = {"single": (1, ["engine.kind=single", "train.grad_accum=2", "train.micro_batch_size=8"]),
         "zero3": (2, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3", "train.micro_batch_size=8"])}
+
+
 def run(work, name: str, *extra, env=None, key=None):
     tmp, cfg, _ = work
     return cached_run(tmp, cfg, RUNS, name, *extra, env=env, key=key)

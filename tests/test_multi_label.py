@@ -82,6 +82,8 @@ RUNS = {  # name: (processes, overrides)
     "failed": (1, [*SHORT, "engine.kind=single", "train.grad_accum=2"]),
     "resumed": (1, [*SHORT, "engine.kind=single", "train.grad_accum=2", "checkpoint.resume=auto"]),
 }
+
+
 def run(work, name: str):
     """(output folder, completed process) of run ``name``, trained once (``train_once``)."""
     tmp, cfg = work

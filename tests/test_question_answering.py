@@ -74,6 +74,8 @@ RUNS = {  # name: (processes, overrides); global batch 32 in all
     "zero3": (2, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3", "train.grad_accum=1"]),
     "fsdp": (2, ["engine.kind=fsdp", "train.grad_accum=1"]),
 }
+
+
 def run(work, name: str, *extra, env=None, key=None):
     tmp, cfg, _ = work
     return cached_run(tmp, cfg, RUNS, name, *extra, env=env, key=key)

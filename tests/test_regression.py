@@ -65,6 +65,8 @@ RUNS = {  # name: (processes, overrides); all take 2 micro-batches of 4 per opti
     "failed": (1, []),
     "resumed": (1, ["checkpoint.resume=auto"]),
 }
+
+
 def run(work, name: str) -> Path:
     """Train run ``name`` once (``train_once``); returns its output folder (``resumed`` continues ``failed``)."""
     tmp, cfg, _ = work

@@ -82,6 +82,8 @@ def t2t_config(work, base: str = "llama", lora: bool = True, **sections):
 
 ENGINES = {"single": (1, ["engine.kind=single", "train.grad_accum=2"]), "ddp": (2, ["engine.kind=ddp"]),
            "zero3": (2, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3"]), "fsdp": (2, ["engine.kind=fsdp"])}
+
+
 def run(work, key: str, engine: str, *overrides, lora: bool = True, out: str | None = None, env=None,
         expect_ok: bool = True):
     """One training job per ``key`` (``train_once``): (output dir, completed process)."""

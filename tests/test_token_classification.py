@@ -76,6 +76,8 @@ RUNS = {  # name: (processes, overrides); global batch 16 in all: 7 steps an epo
     "ddp": (2, ["engine.kind=ddp", "train.grad_accum=1"]),
     "zero2": (2, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=2", "train.grad_accum=1"]),
 }
+
+
 def run(work, name: str, *extra, env=None, key=None):
     """Train ``name`` once per module (memoised by ``key``); returns (output folder, completed process)."""
     tmp, cfg = work
