@@ -113,6 +113,18 @@ def test_tsv_with_a_separator_and_jsonl_lists_give_the_same_dataset(work):
     assert sum(map(sum, a["labels"])) > 0 and any(sum(row) == 0 for row in a["labels"])  # some have none
 
 
+def test_an_int8_export_agrees_where_the_same_labels_pass_the_threshold(work):
+    """deploy's int8 check asks the task whether two models predict alike: for multi-label, the same set of
+    labels above task.threshold (not the same top label, which says nothing of the others)."""
+    tmp, cfg_path = work
+    task = build_task(load_config(cfg_path, ["task.threshold=0.5"]))
+    want = torch.tensor([[2.0, -2.0, 0.5], [-1.0, -3.0, -0.2]])  # sets {0, 2} and {}
+    got = torch.tensor([[1.5, -0.1, 0.1], [-0.4, -0.1, -2.0]])  # the same sets, other scores
+    assert task.same_predictions(want, got, {}).tolist() == [True, True]
+    got = torch.tensor([[3.0, -2.0, -0.1], [-1.0, 0.2, -0.2]])  # label 2 drops out; label 1 comes in
+    assert task.same_predictions(want, got, {}).tolist() == [False, False]
+
+
 def test_metrics_equal_scikit_learn_and_add_over_ranks(work):
     """Counts kept by two 'ranks' and summed give scikit-learn's numbers on the whole set of predictions;
     one label is never true nor predicted (scikit-learn's zero-division rule applies to it)."""

@@ -155,6 +155,21 @@ def test_undefined_correlation_is_nan_without_a_warning(recwarn):
     assert not recwarn.list
 
 
+def test_an_int8_export_agrees_within_a_tenth_of_the_spread_of_scores(work):
+    """deploy's int8 check for regression: a score is the same within a tenth of the check batch's spread."""
+    from dist_train.config import load_config
+    from dist_train.tasks import build_task
+
+    _, cfg, _ = work
+    task = build_task(load_config(cfg))
+    want = torch.tensor([[0.0], [1.0], [2.0]])  # spread 2: within 0.2 is the same
+    got = torch.tensor([[0.15], [0.7], [2.0]])
+    assert task.same_predictions(want, got, {}).tolist() == [True, False, True]
+    one = want[:1]  # one row has no spread: 1 is taken (within 0.1)
+    assert task.same_predictions(one, one + 0.05, {}).tolist() == [True]
+    assert task.same_predictions(one, one + 0.5, {}).tolist() == [False]
+
+
 def test_a_carved_validation_split_is_numbered_from_0(work, tmp_path):
     """data.validation_split: the held-out rows get their own positions (0..n-1), not their train rows'."""
     from dist_train.config import load_config
