@@ -13,5 +13,5 @@ if int(os.environ.get("WORLD_SIZE", "1")) > 1:
     # finished run into a failed job.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code if isinstance(code, int) else 1)
+    os._exit(code)
 sys.exit(code)

@@ -98,9 +98,11 @@ def test_only_the_adapters_and_the_head_train(built):
 
 
 def test_a_merged_copy_computes_the_live_model_and_leaves_it_as_it_was(built, tmp_path):
-    """Exporting during training (final/, best/) must not touch the model that goes on training: peft >= 0.22
-    merges into the base weights' own tensors, which the copy shares with the live model."""
+    """Writing final/ must not touch the live model, which then runs the test evaluation: peft >= 0.22 merges
+    into the base weights' own tensors, which the copy shares with the live model."""
     import copy
+
+    from transformers import AutoModelForSequenceClassification
 
     from dist_train.model.lora import merged_copy
 
@@ -117,8 +119,6 @@ def test_a_merged_copy_computes_the_live_model_and_leaves_it_as_it_was(built, tm
             base = live(input_ids=ids).logits
     assert torch.equal(before, after)
     assert (before - base).abs().max() > 1e-3  # the adapters matter: a merge into the live weights would show
-    from transformers import AutoModelForSequenceClassification
-
     merged.save_pretrained(tmp_path)  # as export writes it (buffers the meta skeleton lacks come back on load)
     with torch.no_grad():
         exported = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()(input_ids=ids).logits

@@ -33,8 +33,9 @@ class LabelledTask(Task):
     def soft_loss_sum(self, outputs, teacher, batch: dict, temperature: float) -> torch.Tensor:
         """The temperature-softened KL from the teacher's label distribution to the student's, over the rows
         the loss counts (``labelled``)."""
-        keep = self.labelled(batch)
-        student, taught = (outputs.logits, teacher.logits) if keep is None else (outputs.logits[keep], teacher.logits[keep])
+        student, taught, keep = outputs.logits, teacher.logits, self.labelled(batch)
+        if keep is not None:
+            student, taught = student[keep], taught[keep]
         return self.soft_kl_sum(student, taught, temperature)
 
     # -- export and use --------------------------------------------------------------------------------
